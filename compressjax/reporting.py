@@ -1,0 +1,165 @@
+"""Reports of a run: ``metrics.json``, a ``results.md`` table and PNG plots.
+
+A run produces one record per stage: a flat dict of JSON-able values. The keys this
+module reads are listed in `TABLE_COLUMNS`, plus ``ser`` (a dict with ``snr_db`` and
+one curve per detector) and ``confusion`` (a list of rows) for the plots. Records
+may carry more keys; they are kept in ``metrics.json``.
+"""
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # Files only: runs happen on headless machines.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+# (record key, column title, format). Missing values print as "-".
+TABLE_COLUMNS = (
+    ("name", "stage", "{}"),
+    ("accuracy", "acc", "{:.4f}"),
+    ("f1", "macro F1", "{:.4f}"),
+    ("ser_mean", "SER", "{:.4f}"),
+    ("nmse_db", "NMSE dB", "{:.2f}"),
+    ("params_total", "params", "{:,}"),
+    ("params_nonzero", "non-zero", "{:,}"),
+    ("bytes", "bytes", "{:,}"),
+    ("compression", "x smaller", "{:.2f}"),
+    ("flops", "FLOPs", "{:.3g}"),
+    ("latency_ms", "latency ms", "{:.3f}"),
+)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  try:
+    return fmt.format(value)
+  except (ValueError, TypeError):
+    return str(value)
+
+
+def markdown_table(records: Sequence[dict[str, Any]],
+                   columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
+  """Formats records as one Markdown table, a row per record."""
+  head = "| " + " | ".join(title for _, title, _ in columns) + " |"
+  rule = "|" + "|".join("---" for _ in columns) + "|"
+  rows = ["| " + " | ".join(_fmt(r.get(k), f) for k, _, f in columns) + " |"
+          for r in records]
+  return "\n".join([head, rule, *rows]) + "\n"
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as JSON atomically (a reader never sees a half-written file)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, default=_to_jsonable)
+  os.replace(tmp, path)
+
+
+def _to_jsonable(x: Any) -> Any:
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+def plot_ser(records: Sequence[dict[str, Any]], path: str) -> None:
+  """SER against SNR: every stage's model, and the classical references once."""
+  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  refs_drawn = False
+  for r in records:
+    ser = r.get("ser")
+    if not ser:
+      continue
+    snr = ser["snr_db"]
+    ax.semilogy(snr, np.maximum(ser["model"], 1e-6), marker="o", ms=3, label=r["name"])
+    if not refs_drawn:
+      for ref, style in (("ls", ":"), ("lmmse", "-."), ("perfect_csi", "--")):
+        if ref in ser:
+          ax.semilogy(snr, np.maximum(ser[ref], 1e-6), "k" + style, label=f"{ref} (reference)")
+      refs_drawn = True
+  ax.set_xlabel("SNR Es/N0 (dB)")
+  ax.set_ylabel("symbol error rate")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+  """Indices of the (bytes, accuracy) points no other point beats on both axes."""
+  front = []
+  for i, (b, a) in enumerate(points):
+    dominated = any((b2 <= b and a2 >= a) and (b2 < b or a2 > a)
+                    for j, (b2, a2) in enumerate(points) if j != i)
+    if not dominated:
+      front.append(i)
+  return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_pareto(records: Sequence[dict[str, Any]], path: str,
+                metric: str = "accuracy") -> None:
+  """Accuracy against real packed bytes, the Pareto front joined by a line."""
+  recs = [r for r in records if r.get("bytes") and r.get(metric) is not None]
+  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  pts = [(float(r["bytes"]), float(r[metric])) for r in recs]
+  for (b, a), r in zip(pts, recs):
+    ax.scatter(b, a)
+    ax.annotate(r["name"], (b, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  front = pareto_front(pts)
+  if front:
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=0.8,
+            label="Pareto front")
+    ax.legend(fontsize=7)
+  ax.set_xscale("log")
+  ax.set_xlabel("packed bytes (from the export)")
+  ax.set_ylabel(metric)
+  ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str],
+                   path: str, title: str = "") -> None:
+  """A row-normalised confusion matrix (rows: true class, columns: predicted)."""
+  cm = np.asarray(confusion, dtype=np.float64)
+  norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+  fig, ax = plt.subplots(figsize=(4.8, 4.4))
+  ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+  ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
+  ax.set_yticks(range(len(labels)), labels, fontsize=7)
+  for i in range(cm.shape[0]):
+    for j in range(cm.shape[1]):
+      ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+              color="white" if norm[i, j] > 0.5 else "black")
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  ax.set_title(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_report(workdir: str, records: Sequence[dict[str, Any]],
+                 class_names: Sequence[str] | None = None, title: str = "") -> None:
+  """Writes ``metrics.json``, ``results.md`` and the plots of ``records`` to ``workdir``."""
+  write_json(os.path.join(workdir, "metrics.json"), list(records))
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    if title:
+      f.write(f"# {title}\n\n")
+    f.write(markdown_table(records))
+  if any(r.get("ser") for r in records):
+    plot_ser(records, os.path.join(workdir, "ser_vs_snr.png"))
+  plot_pareto(records, os.path.join(workdir, "pareto.png"))
+  final = records[-1] if records else {}
+  if final.get("confusion") is not None:
+    names = class_names or [str(i) for i in range(len(final["confusion"]))]
+    plot_confusion(final["confusion"], names, os.path.join(workdir, "confusion.png"),
+                   title=f"confusion: {final['name']}")

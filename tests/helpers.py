@@ -1,0 +1,61 @@
+"""Shared helpers for tests: a tiny supervised training loop and simulator data.
+
+Kept deliberately small and independent of `compressjax.training`, so transform tests
+do not depend on the training package they are meant to feed.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from compressjax import channels
+
+
+def modulation_data(cfg: "channels.ChannelConfig", batch_size: int) -> Callable:
+  """Returns ``key -> (iq [B, L, 2], label [B])`` drawn by the channel simulator."""
+
+  def data_fn(key):
+    batch = channels.simulate(key, cfg, batch_size, task="modulation")
+    return batch.iq, batch.label
+
+  return data_fn
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def train_classifier(apply_fn, params, tx, data_fn, steps, key, loss_fn=None):
+  """Trains ``params`` with ``tx`` for ``steps`` jitted steps; returns (params, opt_state).
+
+  Args:
+    apply_fn: ``(params, x) -> logits``.
+    params: initial parameters.
+    tx: any optax transformation (compression wrappers included).
+    data_fn: ``key -> (x, labels)``, traced inside the step (data made on device).
+    steps: number of steps.
+    key: PRNG key; step ``i`` uses ``fold_in(key, i)``.
+    loss_fn: ``(params, x, labels) -> scalar``; default cross-entropy of apply_fn.
+  """
+  if loss_fn is None:
+    loss_fn = lambda p, x, y: cross_entropy(apply_fn(p, x), y)
+
+  @jax.jit
+  def step(params, opt_state, i):
+    x, y = data_fn(jax.random.fold_in(key, i))
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for i in range(steps):
+    params, opt_state = step(params, opt_state, jnp.int32(i))
+  return params, opt_state
+
+
+def accuracy(apply_fn, params, x, labels) -> float:
+  """Top-1 accuracy of ``apply_fn(params, x)`` against ``labels``."""
+  logits = jax.jit(apply_fn)(params, x)
+  return float(jnp.mean(jnp.argmax(logits, -1) == labels))
