@@ -1,0 +1,40 @@
+"""Tests of the cost measurements: parameter counts, bytes, XLA FLOPs, latency."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from compressjax.training import measure
+
+
+def test_param_counts_and_bytes_by_hand():
+  tree = {"a": jnp.array([[1.0, 0.0], [0.0, 2.0]]), "b": {"c": jnp.array([0.0, 0.0, 3.0])}}
+  assert measure.param_counts(tree) == {"params": 7, "nonzero": 3}
+  assert measure.packed_bytes(tree) == 7 * 4
+  assert measure.packed_bytes(tree, nbytes_fn=lambda p: 5) == 5
+
+
+def test_flops_of_a_matmul_is_two_mnk():
+  a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
+  assert measure.flops(lambda x, y: x @ y, a, b) == pytest.approx(2 * 8 * 16 * 4)
+
+
+def test_model_flops_scale_linearly_with_batch(tiny_model):
+  model, params = tiny_model
+  f = lambda v, x: model.apply(v, x)
+  small = measure.flops(f, {"params": params}, jax.ShapeDtypeStruct((2, 8, 2), jnp.float32))
+  large = measure.flops(f, {"params": params}, jax.ShapeDtypeStruct((8, 8, 2), jnp.float32))
+  assert small > 0
+  assert 3.6 < large / small <= 4.0  # per-example work dominates; shared work is tiny
+
+
+def test_model_cost_reports_every_field(tiny_model):
+  model, params = tiny_model
+  cost = measure.model_cost(model.apply, {"params": params}, jnp.zeros((2, 8, 2)), repeats=3)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  assert cost["params"] == n and cost["bytes"] == 4 * n
+  assert 0 < cost["nonzero"] <= n
+  assert cost["flops"] > 0 and np.isfinite(cost["latency_ms"]) and cost["latency_ms"] > 0
+  with pytest.raises(ValueError, match="repeats"):
+    measure.latency(lambda x: x, jnp.ones(2), repeats=0)
