@@ -47,9 +47,39 @@ def markdown_table(records: Sequence[dict[str, Any]],
   """Formats records as one Markdown table, a row per record."""
   head = "| " + " | ".join(title for _, title, _ in columns) + " |"
   rule = "|" + "|".join("---" for _ in columns) + "|"
-  rows = ["| " + " | ".join(_fmt(r.get(k), f) for k, _, f in columns) + " |"
-          for r in records]
+  def cell(r, k, f):
+    text = _fmt(r.get(k), f)
+    if r.get(k + "_std") is not None:
+      text += " ± " + _fmt(r[k + "_std"], f)
+    return text
+  rows = ["| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in records]
   return "\n".join([head, rule, *rows]) + "\n"
+
+
+def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Groups records by ``name`` (first-seen order): mean and ``<key>_std`` over seeds.
+
+  Numeric table columns get their mean and (population) standard deviation; SER
+  curves are averaged point by point; confusion matrices are summed.
+  """
+  groups: dict[str, list[dict[str, Any]]] = {}
+  for r in records:
+    groups.setdefault(r["name"], []).append(r)
+  out = []
+  for name, rs in groups.items():
+    agg: dict[str, Any] = {"name": name, "seeds": len(rs)}
+    for key, _, _ in TABLE_COLUMNS[1:]:
+      vals = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
+      if len(vals) == len(rs):
+        agg[key] = float(np.mean(vals))
+        agg[key + "_std"] = float(np.std(vals))
+    if all(r.get("ser") for r in rs):
+      agg["ser"] = {k: (np.nanmean([_nan(r["ser"][k]) for r in rs], axis=0).tolist()
+                        if k != "snr_db" else rs[0]["ser"][k]) for k in rs[0]["ser"]}
+    if all(r.get("confusion") is not None for r in rs):
+      agg["confusion"] = np.sum([r["confusion"] for r in rs], axis=0).tolist()
+    out.append(agg)
+  return out
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -68,6 +98,16 @@ def _to_jsonable(x: Any) -> Any:
   raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
 
 
+def _nan(values: Sequence[Any]) -> np.ndarray:
+  """A curve as floats, empty bins (None) as NaN."""
+  return np.array([np.nan if v is None else v for v in values], float)
+
+
+def _curve(values: Sequence[Any]) -> np.ndarray:
+  """A curve for a log axis: empty bins as NaN, zeros floored at 1e-6."""
+  return np.maximum(_nan(values), 1e-6)
+
+
 def plot_ser(records: Sequence[dict[str, Any]], path: str) -> None:
   """SER against SNR: every stage's model, and the classical references once."""
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -77,11 +117,11 @@ def plot_ser(records: Sequence[dict[str, Any]], path: str) -> None:
     if not ser:
       continue
     snr = ser["snr_db"]
-    ax.semilogy(snr, np.maximum(ser["model"], 1e-6), marker="o", ms=3, label=r["name"])
+    ax.semilogy(snr, _curve(ser["model"]), marker="o", ms=3, label=r["name"])
     if not refs_drawn:
       for ref, style in (("ls", ":"), ("lmmse", "-."), ("perfect_csi", "--")):
         if ref in ser:
-          ax.semilogy(snr, np.maximum(ser[ref], 1e-6), "k" + style, label=f"{ref} (reference)")
+          ax.semilogy(snr, _curve(ser[ref]), "k" + style, label=f"{ref} (reference)")
       refs_drawn = True
   ax.set_xlabel("SNR Es/N0 (dB)")
   ax.set_ylabel("symbol error rate")
@@ -148,9 +188,20 @@ def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str],
 
 
 def write_report(workdir: str, records: Sequence[dict[str, Any]],
+                 table: Sequence[dict[str, Any]] | None = None,
                  class_names: Sequence[str] | None = None, title: str = "") -> None:
-  """Writes ``metrics.json``, ``results.md`` and the plots of ``records`` to ``workdir``."""
+  """Writes ``metrics.json`` (all ``records``), ``results.md`` and plots to ``workdir``.
+
+  Args:
+    workdir: an existing directory.
+    records: one dict per stage (and seed).
+    table: the rows of ``results.md`` and the plots; default ``records`` (pass
+      ``aggregate(records)`` for mean and standard deviation over seeds).
+    class_names: labels of the confusion matrix.
+    title: heading of ``results.md``.
+  """
   write_json(os.path.join(workdir, "metrics.json"), list(records))
+  records = list(records if table is None else table)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     if title:
       f.write(f"# {title}\n\n")

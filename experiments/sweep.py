@@ -1,0 +1,21 @@
+"""Every study on one shared teacher: the default main job of ``launch.py``.
+
+  python launch.py                                   # this config, CPU size
+  python launch.py --config=experiments/sweep.py:full --workdir=runs/sweep_full
+  python launch.py --config.seeds='(0,1,2)'          # the research question over 3 seeds
+
+The teacher is trained once per seed; each pipeline then starts from it. "distill" trains
+the small student; the two combined pipelines distil into the compressed model itself.
+"""
+
+from experiments import common
+
+
+def get_config(size=None):
+  c = common.base_config(size)
+  c.pipelines["prune"] = "prune"
+  c.pipelines["quantize"] = "quantize"
+  c.pipelines["distill"] = "distill:small"
+  c.pipelines["P-Q-KD"] = "prune,quantize,distill"
+  c.pipelines["Q-P-KD"] = "quantize,prune,distill"
+  return c

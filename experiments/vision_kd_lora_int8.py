@@ -1,0 +1,108 @@
+"""Vision study (issue 8): ResNet-18 teacher -> MobileNetV2 student, KD -> LoRA -> INT8.
+
+Stages: teacher, student (labels only), distill (Hinton KD, T=4, alpha=0.3, Adam 1e-3), lora
+(adapters on the distilled student, merged), int8_weights / int8_dynamic / int8_static (PTQ);
+see `compressjax.vision_pipeline`.
+
+  # Default "cpu" size: scikit-learn's bundled digits at 16x16, small widths (minutes, 2 cores).
+  python launch.py --config=experiments/vision_kd_lora_int8.py --workdir=runs/vision
+  # Without the launcher:
+  python -c "from experiments import vision_kd_lora_int8 as e; from compressjax import \
+vision_pipeline as v; v.run(e.get_config(), 'runs/vision')"
+  # "full": the published widths on CIFAR-100 (or --config.dataset=cifar10), a GPU budget.
+  # The archive (cifar-100-python.tar.gz, python version) is from
+  # https://www.cs.toronto.edu/~kriz/cifar.html; data_dir is the file or its directory.
+  python launch.py --config=experiments/vision_kd_lora_int8.py:full \
+      --config.data_dir=/data/cifar --workdir=runs/vision_full
+"""
+
+import ml_collections
+
+SIZES = ("cpu", "full", "tiny")
+
+
+def _stage(steps: int, optimizer: str, learning_rate: float, weight_decay: float,
+           warmup_steps: int, **extra) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      steps=steps, optimizer=optimizer, learning_rate=learning_rate,
+      weight_decay=weight_decay, warmup_steps=warmup_steps, **extra))
+
+
+def get_config(size: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the study's config; ``size`` is one of `SIZES` ("tiny" is for tests)."""
+  size = size or "cpu"
+  if size not in SIZES:
+    raise ValueError(f"config size must be one of {SIZES}, got {size!r}")
+  full, tiny = size == "full", size == "tiny"
+  c = ml_collections.ConfigDict()
+  c.study = "vision"  # launch.py dispatches to compressjax.vision_pipeline.run
+  c.seeds = (0,)      # one run per seed; results.md shows mean ± std over several
+
+  # Data: "digits" (bundled with scikit-learn, no download), "cifar10", "cifar100",
+  # "cifar100_coarse". CIFAR needs data_dir; digits needs none.
+  c.dataset = "cifar100" if full else "digits"
+  c.data_dir = ""
+  c.split_seed = 0          # seed of the train/validation (and digits' test) split
+  c.num_val = 5000 if full else 180   # validation images taken from the training set
+  c.num_test = 360          # digits only: held-out test images (CIFAR has its test set)
+  c.image_size = 32 if full else (8 if tiny else 16)  # digits are upsampled 8x8; CIFAR: 32
+  # Random crop with zero padding and horizontal flips (He et al., 2016); no flips for digits.
+  c.augment = ml_collections.ConfigDict(dict(padding=4 if full else (1 if tiny else 2),
+                                             flip=full))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=128 if full else (16 if tiny else 64),
+      eval_every=1000 if full else (20 if tiny else 50),  # steps between validations
+      log_every=200 if full else (20 if tiny else 25),
+  ))
+  # Steps per epoch: 45,000 / 128 = 351 on CIFAR; 1,257 / 64 = 19 on digits.
+  # Teacher: ResNet-18, CIFAR variant; width 64 is the published model (11.2M parameters).
+  c.teacher = _stage(
+      70200 if full else (60 if tiny else 400),            # full: 200 epochs
+      "sgd" if full else "adam", 0.1 if full else 1e-3, 5e-4 if full else 0.0,
+      1755 if full else (0 if tiny else 20),
+      width=64 if full else (8 if tiny else 16),
+      stage_sizes=(1, 1) if tiny else (2, 2, 2, 2))   # tiny: two one-block stages
+  # Student: MobileNetV2, CIFAR variant (2.2M parameters at x1.0 and 10 classes). stages None
+  # is Sandler et al.'s table; tiny uses two short stages to compile fast.
+  student_model = dict(
+      width_multiplier=1.0 if full else 0.25,
+      stages=((1, 16, 1, 1), (6, 24, 1, 2)) if tiny else None,
+      # Training only (every student row is measured with "conv"): "auto" is shifted sums on
+      # CPU (faster steps), grouped conv elsewhere; tiny uses "conv" (faster to compile).
+      depthwise_impl="conv" if tiny else "auto")
+  c.student = _stage(70200 if full else (60 if tiny else 400), "adam", 1e-3,
+                     5e-2 if full else 0.0, 1755 if full else (0 if tiny else 20),
+                     **student_model)
+  # Distillation into the student's architecture, from the student's initialization
+  # (init="scratch") or from the trained baseline (init="student").
+  c.distill = _stage(70200 if full else (60 if tiny else 400), "adam", 1e-3,
+                     5e-2 if full else 0.0, 1755 if full else (0 if tiny else 20),
+                     temperature=4.0,
+                     alpha=0.3,         # weight of the soft-target term (Hinton et al., 2015)
+                     init="scratch")
+  # LoRA on the distilled student: rank-r adapters on its conv/dense kernels (never the
+  # depthwise ones, nor kernels narrower than r), trained alone, then merged.
+  c.lora = _stage(5000 if full else (20 if tiny else 150), "adam",
+                  1e-3 if full else (2e-3 if tiny else 5e-4), 0.0,
+                  0,
+                  rank=8 if full else 4, alpha=16.0 if full else 8.0,
+                  bn="frozen",          # frozen: BN in inference mode | update: batch stats
+                  loss="kd",            # kd: the distillation loss again | ce: labels only
+                  classifier=True)      # adapt the classifier too (if rank fits)
+  c.quantize = ml_collections.ConfigDict(dict(
+      bits=8,
+      granularity="channel",    # weights: one scale per output channel | tensor
+      weight_method="minmax",   # weight clipping: minmax | percentile | mse
+      act_symmetric=False,      # activations: unsigned with a zero point (post-ReLU6 >= 0)
+      calib_method="minmax",    # static activation ranges: minmax | percentile | mse
+      calib_batches=2 if tiny else 8,   # training batches (no augmentation) to calibrate on
+      skip_depthwise=False,     # keep depthwise kernels in float
+      modes=("weights", "dynamic", "static"),
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=64 if tiny else 256,
+      latency_batch=64 if tiny else 1,   # tiny: the eval batch, so nothing compiles twice
+      latency_repeats=2 if tiny else 20,
+  ))
+  return c

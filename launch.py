@@ -1,0 +1,50 @@
+r"""Runs a compressjax study: ``python launch.py [--config=experiments/<study>.py] [--workdir=DIR]``.
+
+With no flags it runs the embedded default, ``experiments/sweep.py`` at CPU size, in
+``runs/default``. Override any config field on the command line, for example
+``--config.prune.sparsity=0.8`` or ``--config=experiments/prune.py:full``.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)  # so config files can `from experiments import common`
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "experiments", "sweep.py"),
+    "Study config file (a path, optionally with ':size', e.g. ':full').", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "default"),
+                               "Directory for checkpoints, metrics.json, results.md and plots.")
+
+
+def _check_workdir(path: str) -> None:
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise app.UsageError(f"--workdir must be a directory, got the file {path!r}")
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.exists(parent) and not os.access(parent, os.W_OK):
+    raise app.UsageError(f"--workdir parent {parent!r} is not writable")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from compressjax import pipelines  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  _check_workdir(_WORKDIR.value)
+  try:
+    pipelines.validate(config)  # every field, before any device work or file is written
+  except ValueError as e:
+    raise app.UsageError(f"bad config: {e}") from None
+  logging.info("config:\n%s", config)
+  pipelines.run(config, _WORKDIR.value)
+  print(open(os.path.join(_WORKDIR.value, "results.md")).read())
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,151 @@
+"""End to end: the combined pipelines on a tiny config, their report and constraints."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from compressjax import pipelines
+from compressjax import quantization
+from compressjax.training import checkpoint
+from experiments import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ("accuracy", "f1", "precision", "recall", "confusion", "ser_mean", "ber_mean",
+           "ser", "nmse_db", "params_total", "params_nonzero", "bytes", "compression",
+           "flops", "latency_ms", "sparsity", "bits")
+
+
+def _config():
+  c = sweep.get_config("tiny")
+  for name in list(c.pipelines):
+    if name not in ("P-Q-KD", "Q-P-KD"):
+      del c.pipelines[name]
+  return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = _config()
+  records = pipelines.run(config, workdir)
+  return config, workdir, records
+
+
+def _final_params(config, workdir, pipeline):
+  setup = pipelines.validate(config)
+  from compressjax.models import iq_transformer
+  target = jax.eval_shape(lambda: iq_transformer.init_params(setup.teacher, jax.random.key(0)))
+  stage_dir = os.path.join(workdir, "seed_0", pipeline, "3_distill", "params")
+  return setup, jax.device_get(checkpoint.restore(stage_dir, target))
+
+
+@pytest.mark.slow
+def test_metrics_json_has_every_metric_for_every_stage(run):
+  config, workdir, _ = run
+  records = json.load(open(os.path.join(workdir, "metrics.json")))
+  names = [r["name"] for r in records]
+  assert names == ["teacher", "P-Q-KD/1_prune", "P-Q-KD/2_quantize",
+                   "P-Q-KD/3_distill:inherit", "Q-P-KD/1_quantize", "Q-P-KD/2_prune",
+                   "Q-P-KD/3_distill:inherit"]
+  for r in records:
+    missing = [m for m in METRICS if r.get(m) is None]
+    assert not missing, (r["name"], missing)
+    assert set(r["ser"]) >= {"snr_db", "model", "ls", "lmmse", "perfect_csi"}
+  for f in ("results.md", "ser_vs_snr.png", "pareto.png", "confusion.png"):
+    assert os.path.getsize(os.path.join(workdir, f)) > 0
+  assert "| Q-P-KD/2_prune |" in open(os.path.join(workdir, "results.md")).read()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["P-Q-KD", "Q-P-KD"])
+def test_final_model_honours_every_constraint_and_bytes_come_from_export(run, pipeline):
+  config, workdir, records = run
+  setup, params = _final_params(config, workdir, pipeline)
+  kernels = {p: np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)
+             if jax.tree_util.keystr(p).endswith("['kernel']")}
+  for path, k in kernels.items():
+    # Every pruned kernel keeps at least its target sparsity (one weight of slack).
+    zeros = k.size - np.count_nonzero(k)
+    assert zeros >= round(config.prune.sparsity * k.size) - 1, path
+    # ... and every kernel lies on its quantization grid.
+    np.testing.assert_allclose(np.asarray(quantization.fake_quant(k, setup.spec)), k,
+                               rtol=0, atol=1e-5 * np.abs(k).max())
+  final = [r for r in records if r["name"] == f"{pipeline}/3_distill:inherit"][0]
+  assert final["bytes"] == quantization.nbytes(quantization.export(params, setup.spec))
+  teacher = [r for r in records if r["name"] == "teacher"][0]
+  # int8 and 50% sparse kernels; biases, norms and positions stay fp32 in a tiny model.
+  assert final["bytes"] < teacher["bytes"] / 3
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages(run):
+  config, workdir, records = run
+  ckpt = os.path.join(workdir, "seed_0", "Q-P-KD", "2_prune", "params")
+  before = os.path.getmtime(ckpt)
+  again = pipelines.run(config, workdir)
+  assert os.path.getmtime(ckpt) == before
+  assert [r["accuracy"] for r in again] == [r["accuracy"] for r in records]
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"pipelines.x": "prune,shrink"}, "stage must be one of"),
+    ({"pipelines.x": "quantize:fast"}, "takes no option"),
+    ({"pipelines.x": "distill:big"}, "distill student must be one of"),
+    ({"channel.profile": "office"}, "channel.profile must be one of"),
+    ({"channel.snr_db": (10.0, 5.0)}, "snr_db"),
+    ({"prune.sparsity": 1.0}, "prune.sparsity must be in"),
+    ({"prune.structure": "3:2"}, "3:2"),
+    ({"prune.score": "entropy"}, "score"),
+    ({"prune.schedule": "cubic"}, "prune.schedule"),
+    ({"quantize.bits": 1}, "bits"),
+    ({"quantize.granularity": "row"}, "granularity"),
+    ({"distill.alpha": 1.5}, "distill.alpha"),
+    ({"distill.temperature": 0.0}, "distill.temperature"),
+    ({"train.steps": 0}, "train.steps"),
+    ({"train.learning_rate": -1.0}, "train.learning_rate"),
+    ({"teacher.patch": 3}, "teacher: seq_len must be a multiple"),
+    ({"seeds": ()}, "seeds"),
+    ({"eval.snr_edges": (5.0, 0.0)}, "eval.snr_edges"),
+])
+def test_bad_config_is_rejected_naming_the_field(override, message):
+  c = _config()
+  for key, value in override.items():
+    obj = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      obj = obj[p]
+    obj[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    pipelines.validate(c)
+
+
+def _launch(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=experiments/does_not_exist.py"], "No such file"),
+    (["--config.prune.sparsity=abc"], "could not convert"),
+    (["--config.pipelines.prune=prune,shrink"], "stage must be one of"),
+    (["--config=experiments/prune.py:huge"], "config size must be one of"),
+])
+def test_launch_rejects_bad_input_before_any_work(tmp_path, args, message):
+  workdir = tmp_path / "w"
+  out = _launch(*args, f"--workdir={workdir}")
+  assert out.returncode != 0
+  assert message in out.stdout + out.stderr
+  assert not workdir.exists()
+
+
+def test_launch_rejects_a_workdir_that_is_a_file(tmp_path):
+  f = tmp_path / "file"
+  f.write_text("keep me")
+  out = _launch(f"--workdir={f}")
+  assert out.returncode != 0 and "--workdir must be a directory" in out.stderr
+  assert f.read_text() == "keep me"
