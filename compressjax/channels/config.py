@@ -1,0 +1,200 @@
+"""The channel configuration: one frozen, hashable dataclass, validated on construction.
+
+A `ChannelConfig` fixes everything static about a batch (modulation, frame length,
+pilots, power-delay profile, tap count, Doppler, SNR range), so ``simulate`` compiles
+once per config and every batch drawn from it has the same shapes. It is usable as a
+``jax.jit`` static argument. Invalid values raise ``ValueError`` naming the field, the
+value and what is allowed, here at the boundary and never inside ``jit``.
+"""
+
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+
+from compressjax.channels import constellations
+from compressjax.channels import fading
+
+SNR_TYPES = ("es_n0", "eb_n0")
+MAX_TAPS = 64            # explicit num_taps upper bound (derived tap counts cap at 16)
+MAX_SINUSOIDS = 64
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> None:
+  if not _is_int(value) or not lo <= value <= hi:
+    raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _check_finite(name: str, value, lo: float = -math.inf, lo_open: bool = False) -> None:
+  bound = f"> {lo}" if lo_open else f">= {lo}"
+  ok = _is_real(value) and math.isfinite(value) and (value > lo if lo_open else value >= lo)
+  if not ok:
+    what = "a finite number" + ("" if lo == -math.inf else f" {bound}")
+    raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelConfig:
+  """Static description of the simulated link (see the channel contract).
+
+  Frame model: y[n] = sum_t h[n, t] x[n - t] + w[n], n = 0..L-1, zero history, unit
+  symbol energy, E[sum_t |h[n, t]|^2] = 1 and w ~ CN(0, N0) with N0 = 10^(-Es/N0 / 10).
+
+  Attributes:
+    modulation: constellation of the "symbols" and "channel" tasks (one of
+      `constellations.MODULATIONS`).
+    modulations: the classes of the "modulation" task; the label is an index into it.
+    seq_len: L, complex samples per example.
+    num_pilots: P, length of the known QPSK preamble (`pilot_symbols`) of the "symbols"
+      and "channel" tasks; 0 <= P < L.
+    profile: power-delay profile, one of `fading.PROFILES`: "awgn" (one unit tap, no
+      fading), "flat" (one fading tap), "exponential" (sampled exponential PDP with RMS
+      spread ``delay_spread_ns``), "inf_los" (3GPP TR 38.901 indoor factory LOS; fixes its
+      own K-factor and delay spread, so ``k_factor_db`` and ``delay_spread_ns`` are
+      ignored, see `fading.inf_los_delay_spread_ns`).
+    k_factor_db: Rician K-factor in dB: LOS power over total scattered power, the LOS on
+      the first tap (3GPP TR 38.901 definition); ``-inf`` is Rayleigh.
+    delay_spread_ns: RMS delay spread of the scattered power, >= 0 (0 gives one tap).
+    sample_rate_hz: symbol rate; the taps are spaced 1 / sample_rate_hz apart.
+    num_taps: T; ``None`` derives it from the profile (tail < 1e-3, at most 16). An
+      explicit T truncates or zero-pads the profile and renormalizes it to unit power.
+    doppler_hz: maximum Doppler frequency; 0 is block fading (taps [T] constant over the
+      frame), > 0 time-varying taps [L, T] with a Clarke/Jakes spectrum. Must be below
+      sample_rate_hz / 2. Ignored by "awgn".
+    doppler_model: "kl" (the exact Gaussian Clarke process from `fading.clarke_basis`) or
+      "sos" (sum of sinusoids with random angles per tap); see `fading.doppler_taps`.
+    doppler_sinusoids: sinusoids per tap of the "sos" model.
+    snr_db: a float, or a (lo, hi) range drawn uniformly per example, in dB.
+    snr_type: "es_n0" (SNR per symbol) or "eb_n0" (per bit, Es/N0 = Eb/N0 * log2 M).
+  """
+  modulation: str = "qam16"
+  modulations: tuple[str, ...] = ("bpsk", "qpsk", "psk8", "qam16", "qam64")
+  seq_len: int = 128
+  num_pilots: int = 16
+  profile: str = "exponential"
+  k_factor_db: float = 10.0
+  delay_spread_ns: float = 50.0
+  sample_rate_hz: float = 20e6
+  num_taps: int | None = None
+  doppler_hz: float = 0.0
+  doppler_model: str = "kl"
+  doppler_sinusoids: int = 8
+  snr_db: float | tuple[float, float] = (0.0, 20.0)
+  snr_type: str = "es_n0"
+
+  def __post_init__(self):
+    constellations.check_modulation(self.modulation)
+    mods = self.modulations
+    if isinstance(mods, str) or not isinstance(mods, (tuple, list)) or not mods:
+      raise ValueError(f"modulations must be a non-empty tuple of names from "
+                       f"{constellations.MODULATIONS}, got {mods!r}")
+    for m in mods:
+      if m not in constellations.MODULATIONS:
+        raise ValueError(f"modulations must only contain names from "
+                         f"{constellations.MODULATIONS}, got {m!r}")
+    if len(set(mods)) != len(mods):
+      raise ValueError(f"modulations must not repeat a name, got {tuple(mods)!r}")
+    object.__setattr__(self, "modulations", tuple(mods))
+    _check_int("seq_len", self.seq_len, 1, 1 << 20)
+    _check_int("num_pilots", self.num_pilots, 0, self.seq_len - 1)
+    if self.profile not in fading.PROFILES:
+      raise ValueError(f"profile must be one of {fading.PROFILES}, got {self.profile!r}")
+    k = self.k_factor_db
+    if not _is_real(k) or math.isnan(k) or k == math.inf:
+      raise ValueError(f"k_factor_db must be a finite number in dB or -inf (Rayleigh), "
+                       f"got {k!r}")
+    _check_finite("delay_spread_ns", self.delay_spread_ns, 0.0)
+    _check_finite("sample_rate_hz", self.sample_rate_hz, 0.0, lo_open=True)
+    if self.num_taps is not None:
+      _check_int("num_taps (or None)", self.num_taps, 1, MAX_TAPS)
+    _check_finite("doppler_hz", self.doppler_hz, 0.0)
+    if self.doppler_hz >= self.sample_rate_hz / 2:
+      raise ValueError(f"doppler_hz must be below sample_rate_hz / 2 = "
+                       f"{self.sample_rate_hz / 2}, got {self.doppler_hz!r}")
+    if self.doppler_model not in fading.DOPPLER_MODELS:
+      raise ValueError(f"doppler_model must be one of {fading.DOPPLER_MODELS}, "
+                       f"got {self.doppler_model!r}")
+    _check_int("doppler_sinusoids", self.doppler_sinusoids, 1, MAX_SINUSOIDS)
+    snr = self.snr_db
+    if isinstance(snr, (tuple, list)):
+      if len(snr) != 2 or not all(_is_real(v) and math.isfinite(v) for v in snr):
+        raise ValueError(f"snr_db must be a finite float or a (lo, hi) pair of finite "
+                         f"floats, got {snr!r}")
+      if snr[0] > snr[1]:
+        raise ValueError(f"snr_db range must have lo <= hi (a non-empty range), got {snr!r}")
+      object.__setattr__(self, "snr_db", (float(snr[0]), float(snr[1])))
+    elif not (_is_real(snr) and math.isfinite(snr)):
+      raise ValueError(f"snr_db must be a finite float or a (lo, hi) pair of finite floats, "
+                       f"got {snr!r}")
+    if self.snr_type not in SNR_TYPES:
+      raise ValueError(f"snr_type must be one of {SNR_TYPES}, got {self.snr_type!r}")
+
+  @property
+  def snr_range(self) -> tuple[float, float]:
+    """The SNR range (lo, hi) in dB (lo == hi for a fixed SNR), in ``snr_type`` units."""
+    if isinstance(self.snr_db, tuple):
+      return self.snr_db
+    return (float(self.snr_db), float(self.snr_db))
+
+  @property
+  def bits_per_symbol(self) -> int:
+    """k = log2 M of ``modulation`` (the last dimension of ``Batch.bits``)."""
+    return constellations.bits_per_symbol(self.modulation)
+
+  @property
+  def effective_k_factor_db(self) -> float:
+    """The K-factor (dB) in force: the profile's own for named profiles, inf for "awgn"."""
+    if self.profile == "awgn":
+      return math.inf
+    if self.profile == "inf_los":
+      return fading.INF_LOS_K_FACTOR_DB
+    return float(self.k_factor_db)
+
+  @property
+  def k_factor(self) -> float:
+    """The linear K-factor in force (0 = Rayleigh, inf = no fading)."""
+    return fading.db_to_linear(self.effective_k_factor_db)
+
+  @property
+  def effective_delay_spread_ns(self) -> float:
+    """RMS delay spread (ns) of the scattered power in force for this profile."""
+    if self.profile in ("awgn", "flat"):
+      return 0.0
+    if self.profile == "inf_los":
+      return fading.INF_LOS_DELAY_SPREAD_NS
+    return float(self.delay_spread_ns)
+
+  @property
+  def pdp(self) -> np.ndarray:
+    """float64 [T]: scattered power per tap, unit sum ("awgn": a unit first tap)."""
+    return fading.power_delay_profile(self.profile, self.effective_delay_spread_ns,
+                                      self.sample_rate_hz, self.num_taps)
+
+  @property
+  def tap_count(self) -> int:
+    """T, the number of channel taps (the last dimension of ``Batch.taps``)."""
+    return int(self.pdp.shape[0])
+
+  @property
+  def tap_powers(self) -> np.ndarray:
+    """float64 [T]: mean tap powers E|h_t|^2 including the LOS; they sum to 1."""
+    return fading.mean_tap_powers(self.pdp, self.k_factor)
+
+  @property
+  def time_varying(self) -> bool:
+    """Whether the taps vary over the frame (``doppler_hz > 0`` and a fading profile)."""
+    return self.doppler_hz > 0 and self.profile != "awgn"
+
+  @property
+  def doppler_norm(self) -> float:
+    """Normalized maximum Doppler frequency fd / sample_rate (cycles per sample)."""
+    return float(self.doppler_hz) / float(self.sample_rate_hz)

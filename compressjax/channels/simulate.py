@@ -1,0 +1,327 @@
+"""Batches of simulated frames for the three tasks: a pure, jitted function of (key, config).
+
+One example is one frame of L complex samples through the channel of its `ChannelConfig`:
+
+  y[n] = sum_t h[n, t] x[n - t] + w[n],  x[n < 0] = 0,  w ~ CN(0, N0),
+
+with unit-energy symbols x, taps h from `fading` (E sum_t |h|^2 = 1) and N0 from an SNR
+drawn per example, so the mean received Es/N0 is the drawn SNR. `simulate_example` draws
+one frame from one key; `simulate` splits a key into ``batch_size`` keys and vmaps it under
+``jit`` (config, batch size and task static; the SNR range is data), so the same key gives
+the same batch and example i depends only on the i-th split key.
+
+Speed on XLA:CPU (measured, see bench/channel_throughput.py): each example draws all its
+randomness as ONE block of uint32 words (`_random_words`, an unrolled Threefry behind an
+optimization barrier, so the hash is computed once and not re-fused into every consumer);
+variates come from `fading`'s ``*_from_bits`` functions. Keep the default threefry keys:
+"rbg"/"unsafe_rbg" keys are slower here and break the vmap contract (XLA batches
+RngBitGenerator from the first key only, so vmapped and looped draws differ).
+
+Tasks share one frame generator and one `Batch` structure per config:
+  "modulation": a class c uniform over ``cfg.modulations``; all L symbols are uniform
+    points of that modulation, no pilots; ``label`` = c, ``symbols`` = the sent indices
+    (of the example's own modulation), ``bits`` = 0.
+  "symbols": ``cfg.modulation`` with the `pilot_symbols` preamble on the first P positions;
+    ``symbols`` / ``bits`` are the data labels, 0 at pilot positions (mask with
+    ``pilot_mask``); ``label`` = 0.
+  "channel": the "symbols" frame; the regression target is ``taps``.
+"""
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressjax.channels import constellations
+from compressjax.channels import fading
+from compressjax.channels.config import ChannelConfig
+
+TASKS = ("modulation", "symbols", "channel")
+PILOT_SEED = 20240607
+_PILOT_BLOCK = 1024
+
+
+class Batch(NamedTuple):
+  """A batch of frames (B examples, L samples, k bits per symbol, T taps).
+
+  Attributes:
+    iq: float32 [B, L, 2] received samples, (real, imaginary).
+    label: int32 [B] modulation class index into ``cfg.modulations`` ("modulation"
+      task), else 0.
+    snr_db: float32 [B] drawn SNR in dB, in ``cfg.snr_type`` units.
+    symbols: int32 [B, L] sent symbol indices (0 at pilot positions).
+    bits: int32 [B, L, k] their bits, MSB first, k = ``cfg.bits_per_symbol`` (0 at pilot
+      positions and in the "modulation" task).
+    pilot_mask: bool [L] true at pilot positions (shared by the batch).
+    taps: complex64 [B, T] (block fading) or [B, L, T] (``cfg.doppler_hz > 0``).
+    noise_var: float32 [B] noise variance N0 per complex sample.
+  """
+  iq: jnp.ndarray
+  label: jnp.ndarray
+  snr_db: jnp.ndarray
+  symbols: jnp.ndarray
+  bits: jnp.ndarray
+  pilot_mask: jnp.ndarray
+  taps: jnp.ndarray
+  noise_var: jnp.ndarray
+
+
+@functools.lru_cache(maxsize=None)
+def _points(name: str) -> np.ndarray:
+  """NumPy complex64 [M] constellation points (concrete even while tracing)."""
+  with jax.ensure_compile_time_eval():
+    return np.asarray(constellations.constellation(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _pilot_table(num_pilots: int) -> np.ndarray:
+  block = max(_PILOT_BLOCK, num_pilots)
+  idx = np.random.default_rng(PILOT_SEED).integers(0, 4, size=block)
+  return _points("qpsk")[idx[:num_pilots]].astype(np.complex64)
+
+
+def pilot_symbols(num_pilots: int) -> jnp.ndarray:
+  """The fixed pilot preamble: unit-energy QPSK points from a fixed NumPy seed.
+
+  Args:
+    num_pilots: P >= 0. Sequences for P <= 1024 are prefixes of one another.
+
+  Returns:
+    complex64 [P], the same on every call.
+  """
+  if not isinstance(num_pilots, (int, np.integer)) or num_pilots < 0:
+    raise ValueError(f"num_pilots must be an integer >= 0, got {num_pilots!r}")
+  return jnp.asarray(_pilot_table(int(num_pilots)))
+
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _random_words(key: chex.PRNGKey, n: int) -> jnp.ndarray:
+  """n uint32 words: Threefry-2x32-20 of counters (c, 0), c < n / 2, under the key.
+
+  The hash of JAX's default keys (Salmon et al., "Parallel random numbers: as easy as 1, 2,
+  3", SC 2011; equal to ``jax.extend.random.threefry_2x32``) written out unrolled, which
+  XLA:CPU runs about twice as fast as JAX's rolled-loop lowering and compiles faster.
+  Keys of other implementations use ``jax.random.bits``.
+  """
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
+  if impl != "threefry2x32":
+    return jax.random.bits(key, (n,), jnp.uint32)
+  k0, k1 = jax.random.key_data(key) if typed else key
+  ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+  x0 = jnp.arange((n + 1) // 2, dtype=jnp.uint32) + ks[0]
+  x1 = jnp.zeros_like(x0) + ks[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x0 = x0 + x1
+      x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+    x0 = x0 + ks[(i + 1) % 3]
+    x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  # Behind a barrier the words are computed once; fused, the 20 rounds would be recomputed
+  # inside every consumer (symbols, bits, noise, taps): about 3x slower overall.
+  return jax.lax.optimization_barrier(jnp.concatenate([x0, x1])[:n])
+
+
+def _check_task(task: str) -> None:
+  if task not in TASKS:
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _pilot_mask(cfg: ChannelConfig, task: str) -> np.ndarray:
+  p = 0 if task == "modulation" else cfg.num_pilots
+  return np.arange(cfg.seq_len) < p
+
+
+def _class_table(mods: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """Points of every class, zero-padded to the largest M: [C, M_max]; and k per class."""
+  m_max = max(constellations.order(m) for m in mods)
+  table = np.zeros((len(mods), m_max), np.complex64)
+  for c, m in enumerate(mods):
+    table[c, :constellations.order(m)] = _points(m)
+  return table, np.array([constellations.bits_per_symbol(m) for m in mods], np.uint32)
+
+
+def _draw_symbols(words, cfg: ChannelConfig, task: str, u_class):
+  """Symbol indices [L], points [L], class index and bits per symbol from L uint32 words.
+
+  M is a power of two, so the top k bits of a word are uniform over the M points.
+  """
+  if task != "modulation":
+    k = cfg.bits_per_symbol
+    idx = (words >> np.uint32(32 - k)).astype(jnp.int32)
+    return idx, jnp.asarray(_points(cfg.modulation))[idx], jnp.int32(0), k
+  table, ks = _class_table(cfg.modulations)
+  cls = jnp.minimum((u_class * table.shape[0]).astype(jnp.int32), table.shape[0] - 1)
+  k = jnp.asarray(ks)[cls]
+  idx = (words >> (np.uint32(32) - k)).astype(jnp.int32)
+  return idx, jnp.asarray(table.reshape(-1))[cls * table.shape[1] + idx], cls, k
+
+
+def _channel_words(cfg: ChannelConfig) -> int:
+  if cfg.profile == "awgn":
+    return 0
+  if cfg.time_varying:
+    return fading.doppler_taps_words(cfg.tap_count, cfg.doppler_norm, cfg.seq_len,
+                                     cfg.doppler_model, cfg.doppler_sinusoids)
+  return fading.block_taps_words(cfg.tap_count)
+
+
+def _convolve(x: jnp.ndarray, taps: jnp.ndarray) -> jnp.ndarray:
+  """y[n] = sum_t taps[(n,) t] x[n - t], zero history, as T shifted multiply-adds.
+
+  ``taps`` is [T] or [L, T]; time-varying taps are used as rows [T, L] so every term is a
+  contiguous multiply-add (a few fused ones beat ``jnp.convolve`` on CPU).
+  """
+  rows = taps.T
+  if rows.shape[0] == 1:
+    # A zero second tap keeps x a separate fusion on XLA:CPU; fused alone, the gather
+    # of x and the Box-Muller noise share one loop that runs scalar, twice as slow.
+    rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
+  num_taps, seq_len = rows.shape[0], x.shape[0]
+  xp = jnp.concatenate([jnp.zeros((num_taps - 1,), x.dtype), x])
+  y = x * rows[0]
+  for t in range(1, num_taps):
+    y = y + xp[num_taps - 1 - t:num_taps - 1 - t + seq_len] * rows[t]
+  return y
+
+
+def _check_args(cfg, task: str) -> None:
+  _check_task(task)
+  if not isinstance(cfg, ChannelConfig):
+    raise ValueError(f"cfg must be a ChannelConfig, got {type(cfg).__name__}")
+
+
+def _example(key, cfg: ChannelConfig, task: str, snr_lo, snr_hi) -> Batch:
+  """One frame; the SNR range is an argument (traced under `simulate`), not ``cfg``'s."""
+  seq = cfg.seq_len
+  # ONE PRNG call per example: [class, snr | 2L noise | L symbols | channel].
+  bits = _random_words(key, 2 + 3 * seq + _channel_words(cfg))
+  u = fading.uniform_from_bits(bits[:2])
+  snr_db = snr_lo + (snr_hi - snr_lo) * u[1]
+  idx, x, label, k = _draw_symbols(bits[2 + 2 * seq:2 + 3 * seq], cfg, task, u[0])
+  es_n0_db = snr_db
+  if cfg.snr_type == "eb_n0":
+    es_n0_db = snr_db + 10.0 * jnp.log10(jnp.asarray(k, jnp.float32))
+  noise_var = jnp.power(jnp.float32(10.0), -es_n0_db / 10.0)
+
+  mask = _pilot_mask(cfg, task)
+  if mask.any():
+    pilots = np.zeros(seq, np.complex64)
+    pilots[:cfg.num_pilots] = _pilot_table(cfg.num_pilots)
+    x = jnp.where(mask, pilots, x)
+    idx = jnp.where(mask, 0, idx)
+  if task == "modulation":
+    bits_out = jnp.zeros((seq, cfg.bits_per_symbol), jnp.int32)
+  else:
+    bits_out = constellations.indices_to_bits(idx, cfg.modulation)
+
+  chan = bits[2 + 3 * seq:]
+  if cfg.profile == "awgn":
+    taps = jnp.zeros((cfg.tap_count,), jnp.complex64).at[0].set(1.0)
+  elif cfg.time_varying:
+    taps = fading.doppler_taps_from_bits(chan, cfg.pdp, cfg.k_factor, cfg.doppler_norm, seq,
+                                         cfg.doppler_model, cfg.doppler_sinusoids)
+  else:
+    taps = fading.block_taps_from_bits(chan, cfg.pdp, cfg.k_factor)
+
+  noise = fading.complex_normal_from_bits(bits[2:2 + 2 * seq]) * jnp.sqrt(noise_var)
+  y = _convolve(x, taps) + noise
+  return Batch(iq=jnp.stack([jnp.real(y), jnp.imag(y)], -1), label=label, snr_db=snr_db,
+               symbols=idx, bits=bits_out, pilot_mask=jnp.asarray(mask), taps=taps,
+               noise_var=noise_var)
+
+
+def simulate_example(key: chex.PRNGKey, cfg: ChannelConfig, task: str = "symbols") -> Batch:
+  """Draws one frame: every `Batch` field without the batch dimension.
+
+  Args:
+    key: PRNG key of this example.
+    cfg: the channel configuration (static).
+    task: one of `TASKS` (static).
+
+  Returns:
+    A `Batch` of one example (iq [L, 2], label [], ..., pilot_mask [L], taps [T] or
+    [L, T], noise_var []).
+  """
+  _check_args(cfg, task)
+  lo, hi = cfg.snr_range
+  return _example(key, cfg, task, jnp.float32(lo), jnp.float32(hi))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "task"))
+def _simulate(key, cfg, batch_size, task, snr_lo, snr_hi):
+  keys = jax.random.split(key, batch_size)
+  axes = Batch(*([0] * len(Batch._fields)))._replace(pilot_mask=None)
+  return jax.vmap(lambda k: _example(k, cfg, task, snr_lo, snr_hi), out_axes=axes)(keys)
+
+
+def simulate(key: chex.PRNGKey, cfg: ChannelConfig, batch_size: int,
+             task: str = "symbols") -> Batch:
+  """Draws a batch of frames, jitted and vmapped.
+
+  Compiled once per (cfg without its SNR, batch_size, task): the SNR range is passed as
+  data, so sweeping ``snr_db`` (an evaluation over an SNR grid) does not recompile.
+
+  Args:
+    key: PRNG key; example i is `simulate_example` of ``jax.random.split(key, B)[i]``.
+    cfg: the channel configuration.
+    batch_size: B >= 1.
+    task: one of `TASKS`.
+
+  Returns:
+    A `Batch` with fixed shapes for a given (cfg, batch_size): every task has the same
+    pytree structure, shapes and dtypes.
+  """
+  _check_args(cfg, task)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+      or batch_size < 1:
+    raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+  lo, hi = cfg.snr_range
+  static = _without_snr(cfg)
+  return _simulate(key, static, int(batch_size), task, np.float32(lo), np.float32(hi))
+
+
+@functools.lru_cache(maxsize=256)
+def _without_snr(cfg: ChannelConfig) -> ChannelConfig:
+  return dataclasses.replace(cfg, snr_db=0.0)
+
+
+def transmitted_symbols(batch: Batch, cfg: ChannelConfig, task: str = "symbols") -> jnp.ndarray:
+  """The sent points x of a batch, rebuilt from its labels, the constellation and pilots.
+
+  Args:
+    batch: a `Batch` drawn with ``cfg`` and ``task``.
+    cfg: its configuration.
+    task: its task.
+
+  Returns:
+    complex64 [B, L].
+  """
+  _check_args(cfg, task)
+  if task == "modulation":
+    table, _ = _class_table(cfg.modulations)
+    return jnp.asarray(table)[batch.label[:, None], batch.symbols]
+  x = jnp.asarray(_points(cfg.modulation))[batch.symbols]
+  pilots = np.zeros(cfg.seq_len, np.complex64)
+  pilots[:cfg.num_pilots] = _pilot_table(cfg.num_pilots)
+  return jnp.where(batch.pilot_mask, pilots, x)
+
+
+def noiseless_output(batch: Batch, cfg: ChannelConfig, task: str = "symbols") -> jnp.ndarray:
+  """The received frame without noise, sum_t h[(n,) t] x[n - t], of every example.
+
+  Args:
+    batch: a `Batch` drawn with ``cfg`` and ``task``.
+    cfg: its configuration.
+    task: its task.
+
+  Returns:
+    complex64 [B, L]; ``iq`` minus this is the noise.
+  """
+  return jax.vmap(_convolve)(transmitted_symbols(batch, cfg, task), batch.taps)
