@@ -5,6 +5,7 @@ With no flags it runs the embedded default, ``experiments/sweep.py`` at CPU size
 ``--config.prune.sparsity=0.8`` or ``--config=experiments/prune.py:full``.
 """
 
+import importlib
 import os
 import sys
 
@@ -19,6 +20,8 @@ sys.path.insert(0, _HERE)  # so config files can `from experiments import common
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "experiments", "sweep.py"),
     "Study config file (a path, optionally with ':size', e.g. ':full').", lock_config=True)
+# config.study -> the module whose validate(config) and run(config, workdir) run it.
+_STUDIES = {"wireless": "compressjax.pipelines", "vision": "compressjax.vision_pipeline"}
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "default"),
                                "Directory for checkpoints, metrics.json, results.md and plots.")
 
@@ -34,15 +37,18 @@ def _check_workdir(path: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from compressjax import pipelines  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  study = config.get("study", "wireless")
+  if study not in _STUDIES:
+    raise app.UsageError(f"bad config: study must be one of {tuple(_STUDIES)}, got {study!r}")
+  pipeline = importlib.import_module(_STUDIES[study])
   _check_workdir(_WORKDIR.value)
   try:
-    pipelines.validate(config)  # every field, before any device work or file is written
+    pipeline.validate(config)  # every field, before any device work or file is written
   except ValueError as e:
     raise app.UsageError(f"bad config: {e}") from None
   logging.info("config:\n%s", config)
-  pipelines.run(config, _WORKDIR.value)
+  pipeline.run(config, _WORKDIR.value)
   print(open(os.path.join(_WORKDIR.value, "results.md")).read())
 
 

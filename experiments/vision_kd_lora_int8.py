@@ -83,8 +83,7 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
                      init="scratch")
   # LoRA on the distilled student: rank-r adapters on its conv/dense kernels (never the
   # depthwise ones, nor kernels narrower than r), trained alone, then merged.
-  c.lora = _stage(5000 if full else (20 if tiny else 150), "adam",
-                  1e-3 if full else (2e-3 if tiny else 5e-4), 0.0,
+  c.lora = _stage(5000 if full else (20 if tiny else 150), "adam", 1e-3 if full else 5e-4, 0.0,
                   0,
                   rank=8 if full else 4, alpha=16.0 if full else 8.0,
                   bn="frozen",          # frozen: BN in inference mode | update: batch stats
