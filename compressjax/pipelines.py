@@ -28,7 +28,7 @@ import functools
 import json
 import os
 import zlib
-from typing import Any, NamedTuple
+from typing import Any
 
 from absl import logging
 import jax
@@ -37,150 +37,17 @@ import numpy as np
 import optax
 
 from compressjax import distillation
-from compressjax import pruning
 from compressjax import quantization
 from compressjax import reporting
+from compressjax import selection
 from compressjax import training
-from compressjax.channels import ChannelConfig
 from compressjax.models import iq_transformer
+from compressjax.stages import compose
+from compressjax.stages import Setup
+from compressjax.stages import validate
 from compressjax.training import checkpoint
 
-STAGES = ("prune", "quantize", "distill")
-DISTILL_STUDENTS = ("inherit", "small")
 _EVAL_KEY = 20261123  # fixed: every stage and every seed is measured on the same frames
-
-
-class Stage(NamedTuple):
-  """One pipeline stage: its kind (a name in `STAGES`) and an option (or None)."""
-  kind: str
-  option: str | None = None
-
-
-class Setup(NamedTuple):
-  """What a config resolves to, validated before any work."""
-  channel: ChannelConfig
-  teacher: iq_transformer.IQTransformerConfig
-  student: iq_transformer.IQTransformerConfig
-  pipelines: dict[str, tuple[Stage, ...]]
-  spec: quantization.Spec
-
-
-def parse_stages(text: str, field: str = "pipelines") -> tuple[Stage, ...]:
-  """Parses ``"prune,quantize,distill:small"`` into stages (errors name ``field``)."""
-  stages = []
-  for item in [s.strip() for s in text.split(",") if s.strip()]:
-    kind, _, option = item.partition(":")
-    if kind not in STAGES:
-      raise ValueError(f"{field}: stage must be one of {STAGES}, got {kind!r}")
-    if kind == "distill":
-      option = option or "inherit"
-      if option not in DISTILL_STUDENTS:
-        raise ValueError(f"{field}: distill student must be one of {DISTILL_STUDENTS}, "
-                         f"got {option!r}")
-    elif option:
-      raise ValueError(f"{field}: stage {kind!r} takes no option, got {item!r}")
-    stages.append(Stage(kind, option or None))
-  return tuple(stages)
-
-
-def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
-  if not cond:
-    raise ValueError(f"{field} must be {allowed}, got {value!r}")
-
-
-def _is_int(v: Any, lo: int) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _model_config(c: Any, channel: ChannelConfig, field: str) -> Any:
-  try:
-    return iq_transformer.IQTransformerConfig(
-        **dict(c), seq_len=channel.seq_len, num_classes=len(channel.modulations),
-        num_symbols=_order(channel.modulation), num_taps=channel.tap_count)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{field}: {e}") from None
-
-
-def _order(modulation: str) -> int:
-  from compressjax.channels import constellations  # pylint: disable=g-import-not-at-top
-  return constellations.order(modulation)
-
-
-def validate(config: Any) -> Setup:
-  """Checks every field a run uses and resolves the config; raises before any work.
-
-  Args:
-    config: an ``ml_collections.ConfigDict`` shaped like ``experiments/common.py``.
-
-  Returns:
-    The resolved `Setup`.
-
-  Raises:
-    ValueError: naming the field, its value and what is allowed.
-  """
-  try:
-    channel = ChannelConfig(**dict(config.channel))
-  except TypeError as e:
-    raise ValueError(f"channel: {e}") from None
-  except ValueError as e:
-    raise ValueError(f"channel.{e}") from None
-  teacher = _model_config(config.teacher, channel, "teacher")
-  student = _model_config(config.student, channel, "student")
-  seeds = tuple(config.seeds)
-  _check(len(seeds) > 0 and all(_is_int(s, 0) for s in seeds), "seeds", config.seeds,
-         "a non-empty tuple of ints >= 0")
-  _check(len(set(seeds)) == len(seeds), "seeds", config.seeds, "distinct")
-  t = config.train
-  _check(_is_int(t.steps, 1), "train.steps", t.steps, "an int >= 1")
-  _check(_is_int(t.batch_size, 1), "train.batch_size", t.batch_size, "an int >= 1")
-  _check(_is_int(t.warmup_steps, 0) and t.warmup_steps < t.steps, "train.warmup_steps",
-         t.warmup_steps, f"an int in [0, train.steps={t.steps})")
-  _check(_is_int(t.log_every, 1), "train.log_every", t.log_every, "an int >= 1")
-  training.multitask.check_tasks(t.tasks)
-  for name in ("train",) + STAGES:
-    lr = config[name].learning_rate
-    _check(isinstance(lr, (int, float)) and lr > 0 and np.isfinite(lr),
-           f"{name}.learning_rate", lr, "a finite number > 0")
-  for name in STAGES:
-    _check(_is_int(config[name].steps, 0 if name == "quantize" else 1), f"{name}.steps",
-           config[name].steps, ">= 1 (quantize: >= 0, 0 is post-training quantization)")
-  p = config.prune
-  _check(p.schedule in ("polynomial", "one_shot"), "prune.schedule", p.schedule,
-         "one of ('polynomial', 'one_shot')")
-  # The wrapper validates sparsity, score, structure and scope; build one to ask it.
-  try:
-    _prune_tx(optax.sgd(0.0), p, pruning.one_shot(0))
-  except ValueError as e:
-    raise ValueError(f"prune.{e}") from None
-  try:
-    spec = quantization.Spec(bits=config.quantize.bits, symmetric=config.quantize.symmetric,
-                             granularity=config.quantize.granularity)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"quantize: {e}") from None
-  d = config.distill
-  _check(isinstance(d.temperature, (int, float)) and d.temperature > 0,
-         "distill.temperature", d.temperature, "a number > 0")
-  _check(isinstance(d.alpha, (int, float)) and 0 <= d.alpha <= 1, "distill.alpha",
-         d.alpha, "a number in [0, 1]")
-  e = config.eval
-  for f in ("batch_size", "num_batches", "latency_batch", "latency_repeats"):
-    _check(_is_int(e[f], 1), f"eval.{f}", e[f], "an int >= 1")
-  edges = tuple(e.snr_edges)
-  _check(len(edges) >= 2 and all(a < b for a, b in zip(edges, edges[1:])),
-         "eval.snr_edges", e.snr_edges, "at least two increasing numbers")
-  pipelines = {}
-  for name, text in config.pipelines.items():
-    _check(isinstance(text, str), f"pipelines.{name}", text,
-           f"a comma-separated string of stages from {STAGES}")
-    stages = parse_stages(text, f"pipelines.{name}")
-    _check(len(stages) > 0, f"pipelines.{name}", text, f"at least one stage of {STAGES}")
-    pipelines[name] = stages
-  return Setup(channel, teacher, student, pipelines, spec)
-
-
-def _prune_tx(inner, p, schedule):
-  return pruning.wrap(inner, sparsity=p.sparsity, score=p.score, structure=p.structure,
-                      scope=p.scope, schedule=schedule)
 
 
 def _optimizer(lr: float, steps: int, weight_decay: float, warmup: int = 0):
@@ -190,38 +57,6 @@ def _optimizer(lr: float, steps: int, weight_decay: float, warmup: int = 0):
   else:
     sched = optax.cosine_decay_schedule(lr, steps, 0.05)
   return optax.adamw(sched, weight_decay=weight_decay)
-
-
-def compose(inner: optax.GradientTransformation, kinds: tuple[str, ...], config: Any,
-            setup: Setup, fresh: str | None = None,
-            steps: int = 0) -> optax.GradientTransformation:
-  """Stacks the wrappers of the constraint ``kinds`` around ``inner``, earliest innermost.
-
-  Args:
-    inner: the optimizer.
-    kinds: constraint stages in order ("prune", "quantize").
-    config: the run config (sparsity, bits, ...).
-    setup: the resolved setup (the quantization spec).
-    fresh: the kind this stage introduces (its schedule runs over the stage); earlier
-      kinds are kept by re-deriving masks at step 0 (pruned weights are the smallest).
-    steps: the stage's steps (for the gradual pruning schedule).
-
-  Returns:
-    The wrapped optimizer.
-  """
-  tx = inner
-  for kind in kinds:
-    if kind == "prune":
-      p = config.prune
-      if kind == fresh and p.schedule == "polynomial":
-        end = max(steps // 2, 1)
-        schedule = pruning.polynomial(begin=0, end=end, every=max(end // 10, 1))
-      else:
-        schedule = pruning.one_shot(0)
-      tx = _prune_tx(tx, p, schedule)
-    elif kind == "quantize":
-      tx = quantization.wrap(tx, setup.spec)
-  return tx
 
 
 def _model(cfg):
@@ -301,16 +136,11 @@ def measure(config: Any, setup: Setup, model_cfg: Any, params: Any, eval_batches
 
 def _kernel_sparsity(params: Any) -> float:
   """Fraction of zeros over the kernels the transforms select by default."""
-  flags = jax.tree.leaves(jax.tree.map(lambda f: f, _default_selection(params)))
+  flags = jax.tree.leaves(selection.select(params))
   leaves = jax.tree.leaves(params)
   kernels = [np.asarray(x) for x, on in zip(leaves, flags) if on]
   total = sum(k.size for k in kernels)
   return float(sum(k.size - np.count_nonzero(k) for k in kernels) / max(total, 1))
-
-
-def _default_selection(params):
-  from compressjax import selection  # pylint: disable=g-import-not-at-top
-  return selection.select(params)
 
 
 @contextlib.contextmanager
@@ -375,23 +205,26 @@ def run_seed(config: Any, setup: Setup, workdir: str, seed: int, eval_batches: l
       stage_dir = os.path.join(root, name, f"{i + 1}_{stage.kind}")
       key_i = jax.random.fold_in(stage_key, zlib.crc32(label.encode()) % (2 ** 31))
       c = config[stage.kind]
+      steps, opt = c.steps, _optimizer(c.learning_rate, max(c.steps, 1), t.weight_decay)
       teacher_pair = None
       if stage.kind == "distill":
         teacher_pair = (setup.teacher, teacher)
         if stage.option == "small":
+          # A fresh student is trained from scratch: the teacher's budget and schedule.
           model_cfg = setup.student
           params = iq_transformer.init_params(model_cfg, jax.random.fold_in(key_i, 1))
+          steps = t.steps
+          opt = _optimizer(t.learning_rate, t.steps, t.weight_decay, t.warmup_steps)
       fresh = stage.kind if stage.kind in ("prune", "quantize") else None
       kinds = kinds + ((stage.kind,) if fresh else ())
-      tx = compose(_optimizer(c.learning_rate, max(c.steps, 1), t.weight_decay), kinds,
-                   config, setup, fresh=fresh, steps=c.steps)
+      tx = compose(opt, kinds, config, setup, fresh=fresh, steps=steps)
       start, cfg_i = params, model_cfg
       if stage.kind == "quantize" and c.steps == 0:
         run = lambda start=start: (jax.device_get(
             quantization.quantize_tree(_start_on_constraints(start, kinds[:-1], config, setup),
                                        setup.spec)), [])
       else:
-        run = lambda start=start, cfg_i=cfg_i, tx=tx, steps=c.steps, tp=teacher_pair: _train(
+        run = lambda start=start, cfg_i=cfg_i, tx=tx, steps=steps, tp=teacher_pair: _train(
             config, setup, f"seed {seed} {label}", cfg_i, start, tx, steps, key_i, tp)
       params, _ = _load_or_run(stage_dir, start, run)
       quantized = "quantize" in kinds

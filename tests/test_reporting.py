@@ -1,6 +1,8 @@
 import json
 import os
 
+import numpy as np
+
 from compressjax import reporting
 
 
@@ -32,3 +34,20 @@ def test_write_report_writes_json_table_and_plots(tmp_path):
   assert "| int8 | 0.8900 |" in (tmp_path / "results.md").read_text()
   for png in ("ser_vs_snr.png", "pareto.png", "confusion.png"):
     assert os.path.getsize(tmp_path / png) > 1000
+
+
+def test_aggregate_gives_mean_and_std_per_stage_over_seeds():
+  records = [
+      {"name": "teacher", "accuracy": 0.8, "bytes": 100, "confusion": [[1, 0], [0, 1]],
+       "ser": {"snr_db": [0, 10], "model": [0.4, None]}},
+      {"name": "P-Q-KD", "accuracy": 0.5, "bytes": 10},
+      {"name": "teacher", "accuracy": 0.6, "bytes": 100, "confusion": [[2, 1], [0, 1]],
+       "ser": {"snr_db": [0, 10], "model": [0.2, 0.1]}},
+  ]
+  agg = reporting.aggregate(records)
+  assert [a["name"] for a in agg] == ["teacher", "P-Q-KD"]
+  assert agg[0]["seeds"] == 2
+  np.testing.assert_allclose([agg[0]["accuracy"], agg[0]["accuracy_std"]], [0.7, 0.1])
+  assert agg[0]["confusion"] == [[3, 1], [0, 2]]
+  np.testing.assert_allclose(agg[0]["ser"]["model"], [0.3, 0.1])  # an empty bin is skipped
+  assert "| teacher | 0.7000 ± 0.1000 |" in reporting.markdown_table(agg)

@@ -4,7 +4,6 @@ References are independent NumPy re-implementations (convolution, bit split, SNR
 statistical checks use fixed seeds and state their tolerance in standard errors.
 """
 
-import math
 import sys
 
 import chex

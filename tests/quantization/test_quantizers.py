@@ -53,7 +53,7 @@ def test_at_most_2_to_the_bits_values_per_channel_or_tensor(spec):
 def test_round_trip_error_at_most_half_a_step_inside_the_range(spec):
   x = _x(2)
   g = q.grid_of(x, spec)
-  s, z = np.asarray(g.scale), np.asarray(g.zero_point)
+  s = np.asarray(g.scale)
   err = np.abs(np.asarray(q.fake_quant(x, spec)) - x)
   # The min/max grid clips nothing: every value is within half a step of a grid point (up to
   # 1e-3 of a step from float32 rounding of x / s and the 20-bit scale).

@@ -1,0 +1,181 @@
+"""Pipeline stages: parsing, config validation, and the stacking of constraint wrappers.
+
+A pipeline is a comma-separated list of stages (`STAGES`); `validate` checks every field
+a run uses before any work, and `compose` builds a stage's optimizer as the stack of the
+constraint wrappers of the stages so far (earliest innermost).
+"""
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import optax
+
+from compressjax import pruning
+from compressjax import quantization
+from compressjax import training
+from compressjax.channels import ChannelConfig
+from compressjax.channels import constellations
+from compressjax.models import iq_transformer
+
+STAGES = ("prune", "quantize", "distill")
+DISTILL_STUDENTS = ("inherit", "small")
+
+
+class Stage(NamedTuple):
+  """One pipeline stage: its kind (a name in `STAGES`) and an option (or None)."""
+  kind: str
+  option: str | None = None
+
+
+class Setup(NamedTuple):
+  """What a config resolves to, validated before any work."""
+  channel: ChannelConfig
+  teacher: iq_transformer.IQTransformerConfig
+  student: iq_transformer.IQTransformerConfig
+  pipelines: dict[str, tuple[Stage, ...]]
+  spec: quantization.Spec
+
+
+def parse_stages(text: str, field: str = "pipelines") -> tuple[Stage, ...]:
+  """Parses ``"prune,quantize,distill:small"`` into stages (errors name ``field``)."""
+  stages = []
+  for item in [s.strip() for s in text.split(",") if s.strip()]:
+    kind, _, option = item.partition(":")
+    if kind not in STAGES:
+      raise ValueError(f"{field}: stage must be one of {STAGES}, got {kind!r}")
+    if kind == "distill":
+      option = option or "inherit"
+      if option not in DISTILL_STUDENTS:
+        raise ValueError(f"{field}: distill student must be one of {DISTILL_STUDENTS}, "
+                         f"got {option!r}")
+    elif option:
+      raise ValueError(f"{field}: stage {kind!r} takes no option, got {item!r}")
+    stages.append(Stage(kind, option or None))
+  return tuple(stages)
+
+
+def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
+  if not cond:
+    raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+
+def _is_int(v: Any, lo: int) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _model_config(c: Any, channel: ChannelConfig, field: str) -> Any:
+  try:
+    return iq_transformer.IQTransformerConfig(
+        **dict(c), seq_len=channel.seq_len, num_classes=len(channel.modulations),
+        num_symbols=constellations.order(channel.modulation), num_taps=channel.tap_count)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{field}: {e}") from None
+
+
+def validate(config: Any) -> Setup:
+  """Checks every field a run uses and resolves the config; raises before any work.
+
+  Args:
+    config: an ``ml_collections.ConfigDict`` shaped like ``experiments/common.py``.
+
+  Returns:
+    The resolved `Setup`.
+
+  Raises:
+    ValueError: naming the field, its value and what is allowed.
+  """
+  try:
+    channel = ChannelConfig(**dict(config.channel))
+  except TypeError as e:
+    raise ValueError(f"channel: {e}") from None
+  except ValueError as e:
+    raise ValueError(f"channel.{e}") from None
+  teacher = _model_config(config.teacher, channel, "teacher")
+  student = _model_config(config.student, channel, "student")
+  seeds = tuple(config.seeds)
+  _check(len(seeds) > 0 and all(_is_int(s, 0) for s in seeds), "seeds", config.seeds,
+         "a non-empty tuple of ints >= 0")
+  _check(len(set(seeds)) == len(seeds), "seeds", config.seeds, "distinct")
+  t = config.train
+  _check(_is_int(t.steps, 1), "train.steps", t.steps, "an int >= 1")
+  _check(_is_int(t.batch_size, 1), "train.batch_size", t.batch_size, "an int >= 1")
+  _check(_is_int(t.warmup_steps, 0) and t.warmup_steps < t.steps, "train.warmup_steps",
+         t.warmup_steps, f"an int in [0, train.steps={t.steps})")
+  _check(_is_int(t.log_every, 1), "train.log_every", t.log_every, "an int >= 1")
+  training.multitask.check_tasks(t.tasks)
+  for name in ("train",) + STAGES:
+    lr = config[name].learning_rate
+    _check(isinstance(lr, (int, float)) and lr > 0 and np.isfinite(lr),
+           f"{name}.learning_rate", lr, "a finite number > 0")
+  for name in STAGES:
+    _check(_is_int(config[name].steps, 0 if name == "quantize" else 1), f"{name}.steps",
+           config[name].steps, ">= 1 (quantize: >= 0, 0 is post-training quantization)")
+  p = config.prune
+  _check(p.schedule in ("polynomial", "one_shot"), "prune.schedule", p.schedule,
+         "one of ('polynomial', 'one_shot')")
+  # The wrapper validates sparsity, score, structure and scope; build one to ask it.
+  try:
+    _prune_tx(optax.sgd(0.0), p, pruning.one_shot(0))
+  except ValueError as e:
+    raise ValueError(f"prune.{e}") from None
+  try:
+    spec = quantization.Spec(bits=config.quantize.bits, symmetric=config.quantize.symmetric,
+                             granularity=config.quantize.granularity)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"quantize: {e}") from None
+  d = config.distill
+  _check(isinstance(d.temperature, (int, float)) and d.temperature > 0,
+         "distill.temperature", d.temperature, "a number > 0")
+  _check(isinstance(d.alpha, (int, float)) and 0 <= d.alpha <= 1, "distill.alpha",
+         d.alpha, "a number in [0, 1]")
+  e = config.eval
+  for f in ("batch_size", "num_batches", "latency_batch", "latency_repeats"):
+    _check(_is_int(e[f], 1), f"eval.{f}", e[f], "an int >= 1")
+  edges = tuple(e.snr_edges)
+  _check(len(edges) >= 2 and all(a < b for a, b in zip(edges, edges[1:])),
+         "eval.snr_edges", e.snr_edges, "at least two increasing numbers")
+  pipelines = {}
+  for name, text in config.pipelines.items():
+    _check(isinstance(text, str), f"pipelines.{name}", text,
+           f"a comma-separated string of stages from {STAGES}")
+    stages = parse_stages(text, f"pipelines.{name}")
+    _check(len(stages) > 0, f"pipelines.{name}", text, f"at least one stage of {STAGES}")
+    pipelines[name] = stages
+  return Setup(channel, teacher, student, pipelines, spec)
+
+
+def _prune_tx(inner, p, schedule):
+  return pruning.wrap(inner, sparsity=p.sparsity, score=p.score, structure=p.structure,
+                      scope=p.scope, schedule=schedule)
+
+
+def compose(inner: optax.GradientTransformation, kinds: tuple[str, ...], config: Any,
+            setup: Setup, fresh: str | None = None,
+            steps: int = 0) -> optax.GradientTransformation:
+  """Stacks the wrappers of the constraint ``kinds`` around ``inner``, earliest innermost.
+
+  Args:
+    inner: the optimizer.
+    kinds: constraint stages in order ("prune", "quantize").
+    config: the run config (sparsity, bits, ...).
+    setup: the resolved setup (the quantization spec).
+    fresh: the kind this stage introduces (its schedule runs over the stage); earlier
+      kinds are kept by re-deriving masks at step 0 (pruned weights are the smallest).
+    steps: the stage's steps (for the gradual pruning schedule).
+
+  Returns:
+    The wrapped optimizer.
+  """
+  tx = inner
+  for kind in kinds:
+    if kind == "prune":
+      p = config.prune
+      if kind == fresh and p.schedule == "polynomial":
+        end = max(steps // 2, 1)
+        schedule = pruning.polynomial(begin=0, end=end, every=max(end // 10, 1))
+      else:
+        schedule = pruning.one_shot(0)
+      tx = _prune_tx(tx, p, schedule)
+    elif kind == "quantize":
+      tx = quantization.wrap(tx, setup.spec)
+  return tx
