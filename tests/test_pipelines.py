@@ -149,3 +149,17 @@ def test_launch_rejects_a_workdir_that_is_a_file(tmp_path):
   out = _launch(f"--workdir={f}")
   assert out.returncode != 0 and "--workdir must be a directory" in out.stderr
   assert f.read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_post_training_quantization_stage_keeps_the_pruned_zeros(tmp_path):
+  c = _config()
+  for name in list(c.pipelines):
+    del c.pipelines[name]
+  c.pipelines["PQ"] = "prune,quantize"
+  c.quantize.steps = 0  # PTQ: no training, the stack's constraints applied once
+  records = {r["name"]: r for r in pipelines.run(c, str(tmp_path))}
+  pruned, ptq = records["PQ/1_prune"], records["PQ/2_quantize"]
+  assert ptq["sparsity"] >= c.prune.sparsity - 1e-3
+  assert ptq["params_nonzero"] <= pruned["params_nonzero"]
+  assert ptq["bits"] == 8 and ptq["bytes"] < pruned["bytes"]
