@@ -189,7 +189,9 @@ def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str],
 
 def write_report(workdir: str, records: Sequence[dict[str, Any]],
                  table: Sequence[dict[str, Any]] | None = None,
-                 class_names: Sequence[str] | None = None, title: str = "") -> None:
+                 class_names: Sequence[str] | None = None, title: str = "",
+                 columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS,
+                 footer: str = "") -> None:
   """Writes ``metrics.json`` (all ``records``), ``results.md`` and plots to ``workdir``.
 
   Args:
@@ -199,13 +201,15 @@ def write_report(workdir: str, records: Sequence[dict[str, Any]],
       ``aggregate(records)`` for mean and standard deviation over seeds).
     class_names: labels of the confusion matrix.
     title: heading of ``results.md``.
+    columns: the table's columns, as in `TABLE_COLUMNS`.
+    footer: Markdown appended after the table.
   """
   write_json(os.path.join(workdir, "metrics.json"), list(records))
   records = list(records if table is None else table)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     if title:
       f.write(f"# {title}\n\n")
-    f.write(markdown_table(records))
+    f.write(markdown_table(records, columns) + footer)
   if any(r.get("ser") for r in records):
     plot_ser(records, os.path.join(workdir, "ser_vs_snr.png"))
   plot_pareto(records, os.path.join(workdir, "pareto.png"))

@@ -359,8 +359,5 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   title = (f"compressjax vision: {setup.teacher_name} -> {setup.student_name}, "
            f"{config.dataset}, seeds {tuple(config.seeds)}")
   reporting.write_report(workdir, records, table=table, class_names=list(data.class_names),
-                         title=title)
-  # results.md with the vision columns (no SER/NMSE) and the targets.
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"# {title}\n\n" + reporting.markdown_table(table, COLUMNS) + _targets(table))
+                         title=title, columns=COLUMNS, footer=_targets(table))
   return records
