@@ -114,7 +114,8 @@ def measure(config: Any, setup: Setup, model_cfg: Any, params: Any, eval_batches
                          num_classes=len(setup.channel.modulations), snr_edges=tuple(e.snr_edges))
   nbytes = ((lambda p: quantization.nbytes(quantization.export(p, setup.spec)))
             if quantized else float_nbytes)
-  sample = eval_batches[0]["symbols"].iq[:e.latency_batch]
+  first_task = sorted(eval_batches[0])[0]
+  sample = eval_batches[0][first_task].iq[:e.latency_batch]
   cost = training.model_cost(model.apply, {"params": params}, sample, nbytes_fn=nbytes,
                              repeats=e.latency_repeats)
   rec = {"params_total": cost["params"], "params_nonzero": cost["nonzero"],

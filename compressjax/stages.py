@@ -102,7 +102,10 @@ def validate(config: Any) -> Setup:
   _check(_is_int(t.warmup_steps, 0) and t.warmup_steps < t.steps, "train.warmup_steps",
          t.warmup_steps, f"an int in [0, train.steps={t.steps})")
   _check(_is_int(t.log_every, 1), "train.log_every", t.log_every, "an int >= 1")
-  training.multitask.check_tasks(t.tasks)
+  try:
+    training.multitask.check_tasks(t.tasks)
+  except ValueError as e:
+    raise ValueError(f"train.{e}") from None
   for name in ("train",) + STAGES:
     lr = config[name].learning_rate
     _check(isinstance(lr, (int, float)) and lr > 0 and np.isfinite(lr),

@@ -111,6 +111,7 @@ def test_rerun_skips_finished_stages(run):
     ({"teacher.patch": 3}, "teacher: seq_len must be a multiple"),
     ({"seeds": ()}, "seeds"),
     ({"eval.snr_edges": (5.0, 0.0)}, "eval.snr_edges"),
+    ({"train.tasks": ("modulation", "weather")}, "train.tasks must be distinct names"),
 ])
 def test_bad_config_is_rejected_naming_the_field(override, message):
   c = _config()
