@@ -26,23 +26,9 @@ import optax
 from compressjax import models
 from compressjax import pruning
 
+import _common  # bench/_common.py, beside this script
+
 BATCH = 64
-
-
-def _make_step(cfg, tx):
-  model = models.IQTransformer(cfg)
-
-  def loss_fn(params, iq, labels):
-    logits = model.apply({"params": params}, iq)["modulation"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  @jax.jit
-  def step(params, state, iq, labels):
-    grads = jax.grad(loss_fn)(params, iq, labels)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  return step
 
 
 def _interleave(fns: dict, rounds: int, reps: int) -> dict:
@@ -76,7 +62,7 @@ def train_step_overhead(rounds: int, steps: int) -> float:
   }
   runs = {}
   for name, tx in variants.items():
-    step = _make_step(cfg, tx)
+    step = _common.modulation_step(models.IQTransformer(cfg), tx)
     carry = [params0, tx.init(params0)]
     jax.block_until_ready(step(*carry, iq, labels))  # compile
 

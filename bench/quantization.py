@@ -27,22 +27,10 @@ from compressjax import models
 from compressjax import quantization
 from compressjax import selection
 
+import _common  # bench/_common.py, beside this script
+
 SPEC8 = quantization.Spec(8, True, "channel")
 SPEC4 = quantization.Spec(4, True, "channel")
-
-
-def _step_fn(model, tx):
-  def loss(p, x, y):
-    logits = model.apply({"params": p}, x)["modulation"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  @jax.jit
-  def step(p, s, x, y):
-    g = jax.grad(loss)(p, x, y)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  return step
 
 
 def _time(step, state, x, y, steps):
@@ -82,7 +70,7 @@ def main():
 
   txs = {"plain": optax.adam(1e-3), "plain (A/A)": optax.adam(1e-3),
          "qat int8": quantization.wrap(optax.adam(1e-3), SPEC8)}
-  steps = {k: _step_fn(model, tx) for k, tx in txs.items()}
+  steps = {k: _common.modulation_step(model, tx) for k, tx in txs.items()}
   states = {k: (params, tx.init(params)) for k, tx in txs.items()}
   for k in steps:  # compile and warm up
     _, states[k] = _time(steps[k], states[k], x, y, 2)

@@ -191,6 +191,13 @@ def _convolve(x: jnp.ndarray, taps: jnp.ndarray) -> jnp.ndarray:
   return y
 
 
+def _pilot_frame(cfg: ChannelConfig) -> np.ndarray:
+  """complex64 [L]: the pilot preamble in its first P positions, zeros elsewhere."""
+  frame = np.zeros(cfg.seq_len, np.complex64)
+  frame[:cfg.num_pilots] = _pilot_table(cfg.num_pilots)
+  return frame
+
+
 def _check_args(cfg, task: str) -> None:
   _check_task(task)
   if not isinstance(cfg, ChannelConfig):
@@ -212,9 +219,7 @@ def _example(key, cfg: ChannelConfig, task: str, snr_lo, snr_hi) -> Batch:
 
   mask = _pilot_mask(cfg, task)
   if mask.any():
-    pilots = np.zeros(seq, np.complex64)
-    pilots[:cfg.num_pilots] = _pilot_table(cfg.num_pilots)
-    x = jnp.where(mask, pilots, x)
+    x = jnp.where(mask, _pilot_frame(cfg), x)
     idx = jnp.where(mask, 0, idx)
   if task == "modulation":
     bits_out = jnp.zeros((seq, cfg.bits_per_symbol), jnp.int32)
@@ -308,9 +313,7 @@ def transmitted_symbols(batch: Batch, cfg: ChannelConfig, task: str = "symbols")
     table, _ = _class_table(cfg.modulations)
     return jnp.asarray(table)[batch.label[:, None], batch.symbols]
   x = jnp.asarray(_points(cfg.modulation))[batch.symbols]
-  pilots = np.zeros(cfg.seq_len, np.complex64)
-  pilots[:cfg.num_pilots] = _pilot_table(cfg.num_pilots)
-  return jnp.where(batch.pilot_mask, pilots, x)
+  return jnp.where(batch.pilot_mask, _pilot_frame(cfg), x)
 
 
 def noiseless_output(batch: Batch, cfg: ChannelConfig, task: str = "symbols") -> jnp.ndarray:
