@@ -3,6 +3,10 @@ r"""Runs a compressjax study: ``python launch.py [--config=experiments/<study>.p
 With no flags it runs the embedded default, ``experiments/sweep.py`` at CPU size, in
 ``runs/default``. Override any config field on the command line, for example
 ``--config.prune.sparsity=0.8`` or ``--config=experiments/prune.py:full``.
+
+It uses every device JAX finds (``--config.train.num_devices`` to limit it), starts
+JAX's distributed runtime on a multi-host launch (``--distributed``), and resumes an
+interrupted run from its checkpoints when given the same ``--workdir``.
 """
 
 import importlib
@@ -24,6 +28,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _STUDIES = {"wireless": "compressjax.pipelines", "vision": "compressjax.vision_pipeline"}
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "default"),
                                "Directory for checkpoints, metrics.json, results.md and plots.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-host runs: 'auto' starts jax.distributed when a SLURM, Open MPI, Cloud TPU pod "
+    "or JAX_COORDINATOR_ADDRESS launch is found; 'on' always; 'off' never.")
 
 
 def _check_workdir(path: str) -> None:
@@ -41,15 +49,24 @@ def main(argv):
   study = config.get("study", "wireless")
   if study not in _STUDIES:
     raise app.UsageError(f"bad config: study must be one of {tuple(_STUDIES)}, got {study!r}")
-  pipeline = importlib.import_module(_STUDIES[study])
   _check_workdir(_WORKDIR.value)
+  # Before anything touches a device: every host then sees every device.
+  from compressjax.training import parallel  # pylint: disable=g-import-not-at-top
+  try:
+    parallel.initialize(_DISTRIBUTED.value)
+  except ValueError as e:
+    raise app.UsageError(f"bad launch environment: {e}") from None
+  if not parallel.is_main_process():
+    logging.set_verbosity(logging.WARNING)  # one log, from process 0
+  pipeline = importlib.import_module(_STUDIES[study])
   try:
     pipeline.validate(config)  # every field, before any device work or file is written
   except ValueError as e:
     raise app.UsageError(f"bad config: {e}") from None
   logging.info("config:\n%s", config)
   pipeline.run(config, _WORKDIR.value)
-  print(open(os.path.join(_WORKDIR.value, "results.md")).read())
+  if parallel.is_main_process():
+    print(open(os.path.join(_WORKDIR.value, "results.md")).read())
 
 
 if __name__ == "__main__":

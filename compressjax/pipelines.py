@@ -20,7 +20,13 @@ adamw))`` (prune the on-grid weights; zeros are on the grid).
 
 Each stage's params and metrics record are written under
 ``workdir/seed_<s>/<pipeline>/<i>_<stage>/``; a rerun with the same workdir restores
-finished stages instead of training them again.
+finished stages instead of training them again, and resumes a stage that was interrupted
+from its periodic checkpoints (``ckpt/`` beside them, every ``train.checkpoint_every``
+steps). Training is data-parallel over ``train.num_devices`` devices (all by default, on
+every host); with ``train.vmap_seeds`` all seeds train as one ``jax.vmap``-ed program
+(their checkpoints under ``workdir/sweep_<seeds>/``). Updates from non-finite gradients
+are skipped and counted (``nonfinite_steps`` in each record); ``train.max_nonfinite`` in
+a row stop the run.
 """
 
 import contextlib
@@ -46,6 +52,7 @@ from compressjax.stages import compose
 from compressjax.stages import Setup
 from compressjax.stages import validate
 from compressjax.training import checkpoint
+from compressjax.training import parallel
 
 _EVAL_KEY = 20261123  # fixed: every stage and every seed is measured on the same frames
 
@@ -68,26 +75,59 @@ def _data_fn(config, setup):
                                     tuple(config.train.tasks))
 
 
-def _train(config, setup, name, model_cfg, params, tx, steps, key, teacher=None):
-  """Trains ``params`` for ``steps`` with ``tx``; with ``teacher=(cfg, params)``, by KD."""
+def _train(config, setup, name, model_cfg, inits, tx, steps, keys, ckpt_dir, teacher=None):
+  """Trains a group of models (one per seed) with ``tx`` for ``steps``; KD if ``teacher``.
+
+  Args:
+    inits: the group's initial params, one per seed; two or more run as one
+      ``jax.vmap``-ed program (``train.vmap_seeds``).
+    keys: their PRNG keys.
+    ckpt_dir: where the run's periodic checkpoints go (it resumes from them).
+    teacher: ``(teacher_cfg, [teacher params per seed])`` or None.
+
+  Returns:
+    ``(final params per seed, history per seed)``.
+  """
+  t = config.train
   forward = training.multitask_forward(_model(model_cfg).apply)
   if teacher is None:
-    loss_fn, step_args, teacher_forward = training.task_losses, (), None
+    loss_fn, teacher_forward = training.task_losses, None
   else:
     kd = functools.partial(distillation.kd_loss, temperature=config.distill.temperature,
                            alpha=config.distill.alpha)
-    loss_fn = lambda o, b, t: training.kd_task_losses(o, b, t, kd)
+    loss_fn = lambda o, b, tv: training.kd_task_losses(o, b, tv, kd)
     teacher_forward = training.multitask_forward(_model(teacher[0]).apply)
-    step_args = ({"params": teacher[1]},)
-  step = training.make_train_step(forward, tx, loss_fn, _data_fn(config, setup),
-                                  teacher_forward=teacher_forward)
-  state = training.create_train_state(params, tx, key)
-  state, history = training.train(
-      state, step, steps, log_every=min(config.train.log_every, steps), name=name,
-      step_args=step_args, show=("loss", "modulation/accuracy", "symbols/ser"))
-  final = jax.device_get(state.params)
-  _check_finite(final, name)
-  return final, history
+  mesh = parallel.make_mesh(t.num_devices)
+  data_fn = parallel.shard_data_fn(_data_fn(config, setup), mesh, t.batch_size)
+  # Skip (and count) updates from non-finite gradients; the loop stops a run that keeps
+  # producing them (train.max_nonfinite in a row), so NaN never reaches the weights.
+  tx = optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30)
+  sweep = len(inits) > 1
+  group = lambda trees: training.stack(trees) if sweep else trees[0]
+  state = group([training.create_train_state(p, tx, k) for p, k in zip(inits, keys)])
+  state = parallel.replicate(state, mesh)
+  step_args = () if teacher is None else (parallel.replicate({"params": group(teacher[1])},
+                                                             mesh),)
+  step = training.make_train_step(forward, tx, loss_fn, data_fn,
+                                  teacher_forward=teacher_forward, mesh=mesh, vmap=sweep)
+  ckpts = (training.RunCheckpoints(ckpt_dir, t.checkpoint_every, t.keep_checkpoints)
+           if t.checkpoint_every else contextlib.nullcontext())
+  with ckpts as c:
+    state, history = training.train(
+        state, step, steps, log_every=min(t.log_every, steps), name=name,
+        step_args=step_args, show=("loss", "modulation/accuracy", "symbols/ser"),
+        checkpoints=c, max_nonfinite=t.max_nonfinite)
+  params = jax.device_get(state.params)
+  finals = training.unstack(params) if sweep else [params]
+  histories = [_member_history(history, i) for i in range(len(inits))] if sweep else [history]
+  for p in finals:
+    _check_finite(p, name)
+  return finals, histories
+
+
+def _member_history(history, i):
+  """Member ``i``'s history of a sweep (per-member lists become its own values)."""
+  return [{k: v[i] if isinstance(v, list) else v for k, v in rec.items()} for rec in history]
 
 
 def _check_finite(params, name):
@@ -144,32 +184,36 @@ def _kernel_sparsity(params: Any) -> float:
   return float(sum(k.size - np.count_nonzero(k) for k in kernels) / max(total, 1))
 
 
-@contextlib.contextmanager
-def _quiet_logs():
-  """Orbax logs every save step at INFO; keep the run's log to progress lines."""
-  level = logging.get_verbosity()
-  logging.set_verbosity(logging.WARNING)
-  try:
-    yield
-  finally:
-    logging.set_verbosity(level)
+def _load_or_run(stage_dirs: list[str], targets: list[Any], run_fn
+                 ) -> tuple[list[Any], list[list[dict]]]:
+  """Restores a stage finished for every seed of the group, or runs it and saves it.
 
+  Args:
+    stage_dirs: the stage's directory per seed.
+    targets: pytrees with the saved params' structure, per seed.
+    run_fn: ``run_fn() -> (params per seed, history per seed)``.
 
-def _load_or_run(stage_dir: str, target: Any, run_fn) -> tuple[Any, dict | None]:
-  """Restores a finished stage from ``stage_dir``, or runs ``run_fn`` and saves it."""
-  ckpt = os.path.join(stage_dir, "params")
-  if checkpoint.exists(ckpt):
-    logging.info("restoring finished stage %s", stage_dir)
-    with _quiet_logs():
-      params = checkpoint.restore(ckpt, target)
-    with open(os.path.join(stage_dir, "history.json")) as f:
-      history = json.load(f)
-    return jax.device_get(params), history
-  params, history = run_fn()
-  with _quiet_logs():
-    checkpoint.save(ckpt, params)
-  reporting.write_json(os.path.join(stage_dir, "history.json"), history)
-  return params, history
+  Returns:
+    ``(params per seed, history per seed)``.
+  """
+  ckpts = [os.path.join(d, "params") for d in stage_dirs]
+  if all(checkpoint.exists(c) for c in ckpts):
+    params, histories = [], []
+    for d, c, target in zip(stage_dirs, ckpts, targets):
+      logging.info("restoring finished stage %s", d)
+      with checkpoint.quiet_logs():
+        params.append(jax.device_get(checkpoint.restore(c, target)))
+      with open(os.path.join(d, "history.json")) as f:
+        histories.append(json.load(f))
+    return params, histories
+  params, histories = run_fn()
+  for d, c, p, h in zip(stage_dirs, ckpts, params, histories):
+    if not checkpoint.exists(c):  # a seed finished earlier keeps its files
+      with checkpoint.quiet_logs():
+        checkpoint.save(c, p)
+      if parallel.is_main_process():
+        reporting.write_json(os.path.join(d, "history.json"), h)
+  return params, histories
 
 
 def _record(stage_dir: str, name: str, measure_fn) -> dict[str, Any]:
@@ -179,41 +223,61 @@ def _record(stage_dir: str, name: str, measure_fn) -> dict[str, Any]:
     with open(path) as f:
       return json.load(f)
   rec = {"name": name, **measure_fn()}
-  reporting.write_json(path, rec)
+  if parallel.is_main_process():
+    reporting.write_json(path, rec)
   return rec
 
 
-def run_seed(config: Any, setup: Setup, workdir: str, seed: int, eval_batches: list,
-             refs: dict) -> list[dict[str, Any]]:
-  """Trains the teacher for ``seed`` and runs every pipeline on it; returns the records."""
-  root = os.path.join(workdir, f"seed_{seed}")
-  key = jax.random.key(seed)
+def _nonfinite(history: list[dict]) -> int:
+  """Steps whose gradients were non-finite (and skipped) in a stage's history."""
+  return int(round(sum(r.get("nonfinite", 0.0) for r in history)))
+
+
+def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
+              eval_batches: list, refs: dict) -> list[dict[str, Any]]:
+  """Trains the teachers of ``seeds`` and runs every pipeline on them; returns the records.
+
+  With several seeds every stage trains them together, ``jax.vmap``-ed in one program.
+  """
+  roots = [os.path.join(workdir, f"seed_{s}") for s in seeds]
+  # Periodic checkpoints of a stage in training: in its own directory for one seed, in a
+  # directory of the group for a vmapped sweep (its state stacks every seed's).
+  ckpt_root = lambda rel: (os.path.join(roots[0], rel, "ckpt") if len(seeds) == 1 else
+                           os.path.join(workdir, "sweep_" + "-".join(map(str, seeds)), rel,
+                                        "ckpt"))
+  tag = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds}"
   t = config.train
-  init_key, train_key, stage_key = jax.random.split(key, 3)
-  teacher_init = iq_transformer.init_params(setup.teacher, init_key)
+  init_keys, train_keys, stage_keys = zip(*[jax.random.split(jax.random.key(s), 3)
+                                            for s in seeds])
+  teacher_init = [iq_transformer.init_params(setup.teacher, k) for k in init_keys]
   tx = _optimizer(t.learning_rate, t.steps, t.weight_decay, t.warmup_steps)
-  teacher_dir = os.path.join(root, "teacher")
-  teacher, _ = _load_or_run(teacher_dir, teacher_init, lambda: _train(
-      config, setup, f"seed {seed} teacher", setup.teacher, teacher_init, tx, t.steps,
-      train_key))
+  teacher_dirs = [os.path.join(r, "teacher") for r in roots]
+  teachers, histories = _load_or_run(teacher_dirs, teacher_init, lambda: _train(
+      config, setup, f"{tag} teacher", setup.teacher, teacher_init, tx, t.steps,
+      list(train_keys), ckpt_root("teacher")))
   with_refs = lambda rec: {**rec, "ser": {**rec.get("ser", {}), **refs}} if "ser" in rec else rec
-  records = [with_refs(_record(teacher_dir, "teacher", lambda: measure(
-      config, setup, setup.teacher, teacher, eval_batches, quantized=False)))]
+  records = [[with_refs(_record(d, "teacher", lambda p=p, h=h: {**measure(
+      config, setup, setup.teacher, p, eval_batches, quantized=False),
+      "nonfinite_steps": _nonfinite(h)}))]
+             for d, p, h in zip(teacher_dirs, teachers, histories)]
   for name, stages in setup.pipelines.items():
-    params, model_cfg, kinds = teacher, setup.teacher, ()
+    params, model_cfg, kinds = teachers, setup.teacher, ()
     for i, stage in enumerate(stages):
       label = f"{name}/{i + 1}_{stage.kind}" + (f":{stage.option}" if stage.option else "")
-      stage_dir = os.path.join(root, name, f"{i + 1}_{stage.kind}")
-      key_i = jax.random.fold_in(stage_key, zlib.crc32(label.encode()) % (2 ** 31))
+      rel = os.path.join(name, f"{i + 1}_{stage.kind}")
+      stage_dirs = [os.path.join(r, rel) for r in roots]
+      keys_i = [jax.random.fold_in(k, zlib.crc32(label.encode()) % (2 ** 31))
+                for k in stage_keys]
       c = config[stage.kind]
       steps, opt = c.steps, _optimizer(c.learning_rate, max(c.steps, 1), t.weight_decay)
       teacher_pair = None
       if stage.kind == "distill":
-        teacher_pair = (setup.teacher, teacher)
+        teacher_pair = (setup.teacher, teachers)
         if stage.option == "small":
           # A fresh student is trained from scratch: the teacher's budget and schedule.
           model_cfg = setup.student
-          params = iq_transformer.init_params(model_cfg, jax.random.fold_in(key_i, 1))
+          params = [iq_transformer.init_params(model_cfg, jax.random.fold_in(k, 1))
+                    for k in keys_i]
           steps = t.steps
           opt = _optimizer(t.learning_rate, t.steps, t.weight_decay, t.warmup_steps)
       fresh = stage.kind if stage.kind in ("prune", "quantize") else None
@@ -221,19 +285,23 @@ def run_seed(config: Any, setup: Setup, workdir: str, seed: int, eval_batches: l
       tx = compose(opt, kinds, config, setup, fresh=fresh, steps=steps)
       start, cfg_i = params, model_cfg
       if stage.kind == "quantize" and c.steps == 0:
-        run = lambda start=start: (jax.device_get(
-            quantization.quantize_tree(_start_on_constraints(start, kinds[:-1], config, setup),
-                                       setup.spec)), [])
+        run = lambda start=start, kinds=kinds: ([jax.device_get(quantization.quantize_tree(
+            _start_on_constraints(p, kinds[:-1], config, setup), setup.spec))
+                                                 for p in start], [[] for _ in start])
       else:
-        run = lambda start=start, cfg_i=cfg_i, tx=tx, steps=steps, tp=teacher_pair: _train(
-            config, setup, f"seed {seed} {label}", cfg_i, start, tx, steps, key_i, tp)
-      params, _ = _load_or_run(stage_dir, start, run)
+        run = lambda start=start, cfg_i=cfg_i, tx=tx, steps=steps, tp=teacher_pair, \
+            keys_i=keys_i, rel=rel, label=label: _train(
+                config, setup, f"{tag} {label}", cfg_i, start, tx, steps, keys_i,
+                ckpt_root(rel), tp)
+      params, histories = _load_or_run(stage_dirs, start, run)
       quantized = "quantize" in kinds
-      records.append(with_refs(_record(stage_dir, label, lambda: measure(
-          config, setup, model_cfg, params, eval_batches, quantized))))
-  for r in records:
-    r["seed"] = seed
-  return records
+      for rec, d, p, h in zip(records, stage_dirs, params, histories):
+        rec.append(with_refs(_record(d, label, lambda p=p, h=h, m=model_cfg, q=quantized: {
+            **measure(config, setup, m, p, eval_batches, q), "nonfinite_steps": _nonfinite(h)})))
+  for seed, recs in zip(seeds, records):
+    for r in recs:
+      r["seed"] = seed
+  return [r for recs in records for r in recs]
 
 
 def _start_on_constraints(params, kinds, config, setup):
@@ -266,13 +334,17 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   eval_batches = training.make_eval_batches(eval_fn, jax.random.key(_EVAL_KEY),
                                             config.eval.num_batches)
   refs = reference_curves(config, setup, eval_batches) if "symbols" in config.train.tasks else {}
+  seeds = tuple(config.seeds)
+  groups = [seeds] if config.train.vmap_seeds else [(s,) for s in seeds]
   records = []
-  for seed in config.seeds:
-    records += run_seed(config, setup, workdir, seed, eval_batches, refs)
+  for group in groups:
+    records += run_group(config, setup, workdir, group, eval_batches, refs)
   teacher_bytes = {r["seed"]: r["bytes"] for r in records if r["name"] == "teacher"}
   for r in records:
     r["compression"] = teacher_bytes[r["seed"]] / r["bytes"]
   table = reporting.aggregate(records) if len(config.seeds) > 1 else records
+  if not parallel.is_main_process():
+    return records
   reporting.write_report(workdir, records, table=table,
                          class_names=list(setup.channel.modulations),
                          title=f"compressjax: seeds {tuple(config.seeds)}")

@@ -13,6 +13,7 @@ import optax
 from compressjax import pruning
 from compressjax import quantization
 from compressjax import training
+from compressjax.training import parallel
 from compressjax.channels import ChannelConfig
 from compressjax.channels import constellations
 from compressjax.models import iq_transformer
@@ -102,6 +103,17 @@ def validate(config: Any) -> Setup:
   _check(_is_int(t.warmup_steps, 0) and t.warmup_steps < t.steps, "train.warmup_steps",
          t.warmup_steps, f"an int in [0, train.steps={t.steps})")
   _check(_is_int(t.log_every, 1), "train.log_every", t.log_every, "an int >= 1")
+  _check(isinstance(t.vmap_seeds, bool), "train.vmap_seeds", t.vmap_seeds, "True or False")
+  _check(_is_int(t.checkpoint_every, 0), "train.checkpoint_every", t.checkpoint_every,
+         "an int >= 0 (0 = no periodic checkpoints)")
+  _check(_is_int(t.keep_checkpoints, 2), "train.keep_checkpoints", t.keep_checkpoints,
+         "an int >= 2 (one to fall back on)")
+  _check(_is_int(t.max_nonfinite, 1), "train.max_nonfinite", t.max_nonfinite, "an int >= 1")
+  try:
+    devices = parallel.check_num_devices(t.num_devices, "train.num_devices")
+    parallel.check_batch_size(t.batch_size, devices, "train.batch_size")
+  except ValueError as e:
+    raise ValueError(f"{e} (train.num_devices={t.num_devices})") from None
   try:
     training.multitask.check_tasks(t.tasks)
   except ValueError as e:

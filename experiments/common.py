@@ -68,6 +68,18 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       weight_decay=1e-4,
       tasks=("modulation", "symbols", "channel"),
       log_every=1000 if full else (10 if tiny else 100),
+      # Scale: devices used for data parallelism (0 = every device JAX sees, on every
+      # host); several seeds can train as one vmapped program instead of one by one.
+      num_devices=0,
+      vmap_seeds=False,
+      # Reliability: the training state is checkpointed every this many steps (0 = off)
+      # in each stage's ckpt/ directory, and a rerun resumes from the newest readable
+      # one; orbax keeps the newest keep_checkpoints (>= 2) of them.
+      checkpoint_every=1000 if full else (10 if tiny else 100),
+      keep_checkpoints=2,
+      # Updates from non-finite gradients are skipped and counted; this many in a row
+      # stops the run as diverged.
+      max_nonfinite=20,
   ))
   stage_steps = 4000 if full else (10 if tiny else 150)
   c.prune = ml_collections.ConfigDict(dict(

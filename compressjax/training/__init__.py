@@ -2,9 +2,12 @@
 
 from compressjax.training import checkpoint
 from compressjax.training import metrics
+from compressjax.training import parallel
+from compressjax.training.checkpoint import RunCheckpoints
 from compressjax.training.evaluation import evaluate
 from compressjax.training.evaluation import make_eval_batches
 from compressjax.training.evaluation import reference_receivers
+from compressjax.training.loop import Diverged
 from compressjax.training.loop import progress_line
 from compressjax.training.loop import train
 from compressjax.training.measure import flops
@@ -21,3 +24,5 @@ from compressjax.training.steps import TrainState
 from compressjax.training.steps import create_train_state
 from compressjax.training.steps import make_predict_fn
 from compressjax.training.steps import make_train_step
+from compressjax.training.steps import stack
+from compressjax.training.steps import unstack

@@ -6,6 +6,11 @@ the step's metrics on device, averages them on the host every ``log_every`` step
 logs a progress line (bar, loss, steps/s, ETA) through absl logging. It is a plain
 function of the state, so a caller can run it in pieces (fork a run, evaluate in
 between, resume from a checkpoint) and get the same numbers as one long call.
+
+With `checkpoint.RunCheckpoints` the loop saves the state every N steps and, called again
+on the same directory after an interruption, continues from the newest readable one.
+Non-finite gradients are counted (``nonfinite`` in the history) and, past a limit of
+consecutive ones, stop the run with `Diverged`.
 """
 
 from collections.abc import Callable, Sequence
@@ -16,6 +21,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from compressjax.training.checkpoint import RunCheckpoints
 from compressjax.training.steps import StepFn
 from compressjax.training.steps import TrainState
 
@@ -47,21 +53,43 @@ def progress_line(name: str, step: int, total: int, metrics: dict[str, float],
   return "  ".join(parts)
 
 
-def _mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
-  fetched = jax.device_get(pending)  # one transfer for the whole interval
-  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+def _fetch(pending: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """One transfer for the whole interval: ``{name: [steps, ...]}`` host arrays."""
+  fetched = jax.device_get(pending)
+  return {k: np.stack([np.asarray(m[k]) for m in fetched]) for k in fetched[0]}
+
+
+def _host(x: np.ndarray) -> float | list[float]:
+  return float(x) if x.ndim == 0 else x.tolist()
+
+
+def _summary(values: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Interval means (sums for ``nonfinite``); sweeps keep their per-member lists."""
+  return {k: _host(v.sum(0) if k in _SUMMED else v.mean(0)) for k, v in values.items()}
+
+
+def _display(record: dict[str, Any]) -> dict[str, float]:
+  return {k: float(np.mean(v)) for k, v in record.items()}
+
+
+_SUMMED = ("nonfinite",)
+
+
+class Diverged(FloatingPointError):
+  """Training produced non-finite gradients for too many steps in a row."""
 
 
 def train(state: TrainState, step_fn: StepFn, num_steps: int, *, log_every: int = 100,
           step_args: Sequence[Any] = (), name: str = "train",
-          show: Sequence[str] = ("loss",), on_log: LogFn | None = None
-          ) -> tuple[TrainState, list[dict[str, float]]]:
-  """Runs ``num_steps`` steps of ``step_fn`` from ``state``.
+          show: Sequence[str] = ("loss",), on_log: LogFn | None = None,
+          checkpoints: RunCheckpoints | None = None, max_nonfinite: int | None = None
+          ) -> tuple[TrainState, list[dict[str, Any]]]:
+  """Runs ``num_steps`` steps of ``step_fn`` from ``state``, resuming if it can.
 
   Args:
     state: the starting state (donated to the step: do not reuse it after the call).
     step_fn: ``step_fn(state, *step_args) -> (state, metrics)``, e.g. from
-      `make_train_step`.
+      `make_train_step` (a sweep's step, ``vmap=True``, works too).
     num_steps: steps to run (0 returns ``state`` unchanged).
     log_every: steps between metric fetches and progress lines; the last step always
       logs.
@@ -69,33 +97,80 @@ def train(state: TrainState, step_fn: StepFn, num_steps: int, *, log_every: int 
     name: the label of the progress line.
     show: metric names in the progress line.
     on_log: optional ``on_log(step, metrics)`` called at each log point with host floats.
+    checkpoints: periodic checkpoints (`checkpoint.RunCheckpoints`): the newest readable
+      one, if any, replaces ``state`` and the run continues from its step; the state is
+      saved every ``checkpoints.every`` steps and at the end. A resumed run ends with
+      the same state as an uninterrupted one (the step is a pure function of it).
+    max_nonfinite: stop with `Diverged` when this many consecutive steps had non-finite
+      gradients (checked at log points; with ``optax.apply_if_finite`` those steps left
+      the weights untouched). None never stops.
 
   Returns:
     ``(state, history)``; ``history`` has one dict per log point: the metrics averaged
-    over the interval, plus ``step`` (the state's global step) and ``steps_per_s``
-    (the first interval includes compilation).
+    over the interval (``nonfinite`` summed: the count of non-finite steps), plus
+    ``step`` (the state's global step) and ``steps_per_s`` (the first interval includes
+    compilation). In a sweep each metric is a list, one value per member.
+
+  Raises:
+    Diverged: see ``max_nonfinite``.
   """
   if not isinstance(num_steps, int) or num_steps < 0:
     raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
   if not isinstance(log_every, int) or log_every < 1:
     raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
-  history: list[dict[str, float]] = []
+  if max_nonfinite is not None and (not isinstance(max_nonfinite, int) or max_nonfinite < 1):
+    raise ValueError(f"max_nonfinite must be None or an int >= 1, got {max_nonfinite!r}")
+  history: list[dict[str, Any]] = []
+  start = int(np.max(jax.device_get(state.step)))
+  done = 0
+  if checkpoints is not None:
+    restored = checkpoints.restore_latest(state)
+    if restored is not None:
+      state, history = restored
+      done = int(np.max(jax.device_get(state.step))) - start
+      if not 0 <= done <= num_steps:
+        raise ValueError(f"checkpoints in {checkpoints.directory} are at step "
+                         f"{start + done}, outside this run's steps [{start}, "
+                         f"{start + num_steps}]")
+      logging.info("%s: resuming from the checkpoint at step %d of %d", name, start + done,
+                   start + num_steps)
   pending: list[dict[str, Any]] = []
-  start = int(jax.device_get(state.step))
+  run_length = 0
   t_run = t_last = time.perf_counter()
-  last = 0
-  for i in range(1, num_steps + 1):
+  last = done
+  for i in range(done + 1, num_steps + 1):
     state, metrics = step_fn(state, *step_args)
     pending.append(metrics)
-    if i % log_every == 0 or i == num_steps:
-      record = _mean_metrics(pending)  # blocks until the interval's steps finished
+    save = checkpoints is not None and ((start + i) % checkpoints.every == 0 or i == num_steps)
+    if i % log_every == 0 or i == num_steps or save:
+      values = _fetch(pending)  # blocks until the interval's steps finished
+      run_length = _check_nonfinite(values.get("nonfinite"), run_length, max_nonfinite,
+                                    name, start + i)
+      record = _summary(values)
       now = time.perf_counter()
       record["steps_per_s"] = (i - last) / max(now - t_last, 1e-9)
-      record["eta_s"] = (num_steps - i) * (now - t_run) / i
+      record["eta_s"] = (num_steps - i) * (now - t_run) / (i - done)
       record["step"] = start + i
-      logging.info("%s", progress_line(name, i, num_steps, record, show))
+      logging.info("%s", progress_line(name, i, num_steps, _display(record), show))
       if on_log is not None:
         on_log(start + i, record)
       history.append(record)
       pending, last, t_last = [], i, now
+      if save:
+        checkpoints.save(start + i, state, history)
   return state, history
+
+
+def _check_nonfinite(flags: np.ndarray | None, run_length: Any, limit: int | None,
+                     name: str, step: int) -> Any:
+  """Updates the count of consecutive non-finite steps; raises past ``limit``."""
+  if flags is None:
+    return run_length
+  for f in flags:  # steps of the interval, in order (per member in a sweep)
+    run_length = np.where(f > 0, run_length + 1, 0)
+    if limit is not None and np.any(run_length >= limit):
+      raise Diverged(f"{name}: training diverged: {limit} consecutive steps up to step "
+                     f"{step} had non-finite gradients (their updates were skipped, no "
+                     f"NaN weights were written); lower the learning rate or check the "
+                     f"data")
+  return run_length

@@ -70,25 +70,40 @@ def multitask_data_fn(cfg: Any, batch_size: int, tasks: Sequence[str] = TASKS,
 def multitask_forward(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   """Wraps ``model.apply`` of an `IQTransformer` into a forward over ``{task: Batch}``.
 
+  The tasks' frames go through the backbone in one call. When every task has the same
+  number of frames they are interleaved row by row (``[B, tasks, L, 2] -> [B * tasks, L,
+  2]``), so a batch split over devices along ``B`` (`parallel.shard_data_fn`) stays on
+  its devices; otherwise they are concatenated in task-name order.
+
   Args:
-    apply_fn: ``model.apply``; called once on the concatenated I/Q of every task.
+    apply_fn: ``model.apply``; called once on the I/Q of every task.
 
   Returns:
     ``forward(variables, batches, *, train=False, rngs=None, mutable=False)`` returning
     ``{task: head output on that task's rows}`` (plus the mutated collections, over the
-    concatenated rows in task-name order, when ``mutable`` is set).
+    combined rows, when ``mutable`` is set).
   """
 
   def forward(variables, batches, *, train=False, rngs=None, mutable=False):
     tasks = sorted(batches)
-    iq = jnp.concatenate([batches[t].iq for t in tasks], axis=0)
+    shapes = {batches[t].iq.shape for t in tasks}
+    interleave = len(shapes) == 1
+    if interleave:
+      stacked = jnp.stack([batches[t].iq for t in tasks], axis=1)
+      iq = stacked.reshape((-1,) + stacked.shape[2:])
+    else:
+      iq = jnp.concatenate([batches[t].iq for t in tasks], axis=0)
     result = apply_fn(variables, iq, train=train, rngs=rngs or {}, mutable=mutable)
     outputs, mutated = result if mutable else (result, None)
     split, start = {}, 0
-    for t in tasks:
-      n = batches[t].iq.shape[0]
-      split[t] = outputs[t][start:start + n]
-      start += n
+    for i, t in enumerate(tasks):
+      out = outputs[t]
+      if interleave:
+        split[t] = out.reshape((-1, len(tasks)) + out.shape[1:])[:, i]
+      else:
+        n = batches[t].iq.shape[0]
+        split[t] = out[start:start + n]
+        start += n
     return (split, mutated) if mutable else split
 
   return forward

@@ -23,12 +23,15 @@ teacher_outputs)``; the teacher's variables are an argument of the step (not clo
 over, so they are not baked into the compiled program as constants).
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import optax
 
 Batches = Any
@@ -104,7 +107,8 @@ def _run_forward(forward: ForwardFn, variables: Mapping[str, Any], batches: Batc
 def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, loss_fn: LossFn,
                     data_fn: DataFn, *, teacher_forward: ForwardFn | None = None,
                     capture_intermediates: bool = False, params_in_loss: bool = False,
-                    donate: bool = True) -> StepFn:
+                    donate: bool = True, mesh: Mesh | None = None,
+                    vmap: bool = False) -> StepFn:
   """Builds ``step(state, teacher_variables=None) -> (state, metrics)``, jitted.
 
   Args:
@@ -124,10 +128,17 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, loss_f
       entries a model does not use; keep it out of the compression ``where=``).
     donate: donate the state's buffers to the step (the caller must not reuse the
       state it passed in).
+    mesh: data parallelism: the state is kept replicated over this mesh (pass a state
+      from `parallel.replicate` and a ``data_fn`` from `parallel.shard_data_fn`).
+    vmap: a sweep in one program: the state and the teacher's variables carry a leading
+      axis (`stack`, one entry per seed or hyperparameter value) and the step is
+      ``jax.vmap``-ed over it; metrics gain that axis.
 
   Returns:
-    The jitted step. Its metrics hold ``loss``, ``grad_norm`` and whatever ``loss_fn``
-    reports; they stay on device until the caller fetches them.
+    The jitted step. Its metrics hold ``loss``, ``grad_norm``, ``nonfinite`` (1.0 when
+    a gradient had a NaN or Inf, for `loop.train` to count; wrap ``tx`` in
+    ``optax.apply_if_finite`` to skip such updates) and whatever ``loss_fn`` reports;
+    they stay on device until the caller fetches them.
   """
   capture = bool(capture_intermediates)
   loss_kwargs = (lambda p: {"params": p}) if params_in_loss else (lambda p: {})
@@ -157,12 +168,31 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, loss_f
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
     new_state = TrainState(state.step + 1, params, opt_state, key,
                            {**state.model_state, **mutated})
+    if mesh is not None:
+      new_state = jax.lax.with_sharding_constraint(new_state, NamedSharding(mesh, P()))
     return new_state, metrics
 
+  if vmap:
+    step = jax.vmap(step)
   return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def stack(trees: Sequence[Any]) -> Any:
+  """Stacks pytrees of one structure along a new leading axis (states of a sweep)."""
+  if not trees:
+    raise ValueError("trees must be a non-empty sequence, got an empty one")
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: Any) -> list[Any]:
+  """Inverse of `stack`: the list of pytrees along the leading axis."""
+  n = jax.tree.leaves(tree)[0].shape[0]
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
 def make_predict_fn(forward: ForwardFn) -> Callable[[Mapping[str, Any], Batches], Outputs]:

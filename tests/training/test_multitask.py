@@ -88,13 +88,15 @@ def test_bad_weights_and_tasks_are_rejected():
     multitask.check_tasks(("modulation", "modulation"))
 
 
-def test_multitask_forward_gives_each_task_its_own_rows():
+@pytest.mark.parametrize("rows", [(4, 4, 4), (4, 2, 4)], ids=["interleaved", "concatenated"])
+def test_multitask_forward_gives_each_task_its_own_rows(rows):
   cfg = iqt.IQTransformerConfig(width=8, depth=1, num_heads=1, head_dim=4, mlp_dim=8,
                                 patch=2, seq_len=L, num_classes=C, num_symbols=M, num_taps=T)
   model = iqt.IQTransformer(cfg)
   params = iqt.init_params(cfg, jax.random.key(0))
   iq = RNG.normal(size=(3, 2, L, 2)).astype(np.float32)
-  batches = {t: _batch(iq=np.concatenate([iq[i]] * 2)) for i, t in enumerate(multitask.TASKS)}
+  batches = {t: _batch(iq=np.concatenate([iq[i]] * 2)[:n])
+             for i, (t, n) in enumerate(zip(multitask.TASKS, rows))}
   fwd = jax.jit(multitask.multitask_forward(model.apply))
   out = fwd({"params": params}, batches)
   apply = jax.jit(model.apply)
