@@ -1,14 +1,17 @@
 """Throughput of the jitted channel simulator vs a plain vectorized NumPy implementation.
 
-Run: ``python bench/channel_throughput.py [--rounds 15]``. For a flat Rician channel and
-for the multipath training channel (exponential TDL, 50 ns at 20 MHz -> 7 taps, K = 10 dB,
-Clarke/Jakes Doppler, per-example SNR), it times one batch (B = 256, L = 128, "symbols"
-task) of ``channels.simulate`` (jitted, compiled before timing) and of `numpy_batch`, the
-same channel in NumPy (float32/complex64, PCG64, the same sum-of-sinusoids model and
-factorization), interleaved round by round in rotating order, and prints the medians in
-complex samples per second, the JAX/NumPy ratio and an A/A ratio (NumPy vs a second copy
-of NumPy). It also prints the time to generate one default training batch. The last line
-is ``ratio: X``, the multipath JAX/NumPy ratio. The machine may be loaded by other jobs, so
+Run: ``python bench/channel_throughput.py [--rounds 41]``. For a flat Rician channel, for
+the multipath channel the training uses (`TRAINING`, a copy of ``experiments/common.py``'s
+``channel``: 3GPP InF LOS truncated to 4 taps, K = 7 dB, Clarke/Jakes Doppler at 200 Hz,
+L = 64 at 20 MHz, per-example SNR), and for a harder TDL (exponential 50 ns -> 7 taps,
+K = 10 dB, 1 kHz, L = 128), it times one batch (B = 256, "symbols" task) of
+``channels.simulate`` (jitted, compiled before timing) and of `numpy_generator`, the same
+channel in NumPy (float32/complex64, PCG64, the same Doppler model and factorization),
+interleaved round by round in rotating order, and prints the medians in complex samples
+per second, the JAX/NumPy ratio and an A/A ratio (NumPy vs a second copy of NumPy). It
+also prints the time to generate one training batch of the default run (3 tasks) and of
+that run's whole teacher train step, which draws the batch inside it, interleaved. The last line is ``ratio: X``, the
+JAX/NumPy ratio on the training channel. The machine may be loaded by other jobs, so
 figures are indicative.
 """
 
@@ -21,14 +24,26 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import math
+import sys
 import time
 
 import jax
 import numpy as np
+import optax
 
 from compressjax import channels
+from compressjax import stages
+from compressjax import training
+from compressjax.models import iq_transformer
 
-B, L = 256, 128
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+B = 256
+# The default run's config (experiments/common.py, "cpu" size): its channel and batch.
+DEFAULT = common.base_config("cpu")
+TRAINING = channels.ChannelConfig(**DEFAULT.channel)
+TRAIN_BATCH = DEFAULT.train.batch_size  # frames per task
 
 
 def _cis(phase: np.ndarray) -> np.ndarray:
@@ -64,8 +79,13 @@ def numpy_generator(cfg: channels.ChannelConfig):
 
   def scattered(rng, batch):                                                   # [B, T, L]
     if cfg.doppler_model == "kl":
-      z = rng.standard_normal((batch * 2 * n_t, basis_t.shape[0]), dtype=np.float32)
-      g = (z @ basis_t).reshape(batch, 2 * n_t, seq)                        # one GEMM
+      rank = basis_t.shape[0]
+      z = rng.standard_normal((batch * 2 * n_t, rank), dtype=np.float32)
+      if rank <= channels.fading.KL_FUSED_RANK:     # as the JAX side (and 3x faster than a
+        g = sum(z[:, j:j + 1] * basis_t[j] for j in range(rank))   # rank-1 GEMM here)
+      else:
+        g = z @ basis_t                                                    # one GEMM
+      g = g.reshape(batch, 2 * n_t, seq)
       return g[:, :n_t] + np.complex64(1j) * g[:, n_t:]
     u = rng.random((batch, n_t, 1), dtype=np.float32)
     z = rng.standard_normal((2, batch, n_t, n_s, 1), dtype=np.float32)
@@ -135,34 +155,58 @@ def compare(cfg: channels.ChannelConfig, rounds: int) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rounds", type=int, default=21)
+  parser.add_argument("--rounds", type=int, default=41)
   args = parser.parse_args()
   flat = channels.ChannelConfig(profile="flat", k_factor_db=10.0)
-  multipath = channels.ChannelConfig(profile="exponential", delay_spread_ns=50.0,
-                                     k_factor_db=10.0, doppler_hz=1000.0, snr_db=(0.0, 20.0))
-  sos = dataclasses.replace(multipath, doppler_model="sos")
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; B={B}, L={L}, symbols task, "
+  harder = channels.ChannelConfig(profile="exponential", delay_spread_ns=50.0,
+                                  k_factor_db=10.0, doppler_hz=1000.0, snr_db=(0.0, 20.0))
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; B={B}, symbols task, "
         f"{args.rounds} interleaved rounds, medians; machine shared, so indicative")
-  print(f"{'channel':<33}{'jax Msa/s':>10}{'numpy Msa/s':>12}{'jax/numpy':>10}{'A/A':>6}"
+  print(f"{'channel':<38}{'jax Msa/s':>10}{'numpy Msa/s':>12}{'jax/numpy':>10}{'A/A':>6}"
         f"{'cpu ms jax':>11}{'numpy':>7}{'ratio':>7}")
   ratios = {}
-  for label, cfg in [("flat Rician K=10dB", flat),
-                     (f"TDL T={multipath.tap_count} K=10dB fd=1kHz, kl", multipath),
-                     (f"TDL T={sos.tap_count} K=10dB fd=1kHz, sos N=8", sos)]:
+  rows = [("flat Rician K=10dB L=128", flat),
+          ("training: InF T=4 fd=200Hz L=64, kl", TRAINING),
+          ("training, sos N=8", dataclasses.replace(TRAINING, doppler_model="sos")),
+          (f"TDL T={harder.tap_count} K=10dB fd=1kHz L=128, kl", harder)]
+  for label, cfg in rows:
     med = compare(cfg, args.rounds)
-    rate = {n: B * L / t[0] / 1e6 for n, t in med.items()}
+    rate = {n: B * cfg.seq_len / t[0] / 1e6 for n, t in med.items()}
     ratios[cfg] = med["numpy"][0] / med["jax"][0]
-    print(f"{label:<33}{rate['jax']:>10.2f}{rate['numpy']:>12.2f}{ratios[cfg]:>10.2f}"
+    print(f"{label:<38}{rate['jax']:>10.2f}{rate['numpy']:>12.2f}{ratios[cfg]:>10.2f}"
           f"{med['numpy'][0] / med['numpy_copy'][0]:>6.2f}{med['jax'][1] * 1e3:>11.2f}"
           f"{med['numpy'][1] * 1e3:>7.2f}{med['numpy'][1] / med['jax'][1]:>7.2f}")
-  for label, cfg in [("default config (block fading)", channels.ChannelConfig()),
-                     ("multipath + Doppler (kl)", multipath)]:
-    keys = list(jax.random.split(jax.random.key(1), args.rounds + 1))
-    jax.block_until_ready(channels.simulate(keys[-1], cfg, B, "symbols"))
-    t = [_time(lambda: channels.simulate(k, cfg, B, "symbols"))[0] for k in keys[:-1]]
-    print(f"one training batch (B={B}, L={cfg.seq_len}, symbols), {label}: "
-          f"{np.median(t) * 1e3:.2f} ms")
-  print(f"ratio: {ratios[multipath]:.2f}")
+  batch_ms, step_ms = batch_vs_step(args.rounds)
+  print(f"one training batch ({len(DEFAULT.train.tasks)} tasks x {TRAIN_BATCH} frames, "
+        f"L={TRAINING.seq_len}): {batch_ms:.3f} ms; the default teacher train step that "
+        f"draws it: {step_ms:.1f} ms; batch / step = {100 * batch_ms / step_ms:.2f}%")
+  print(f"ratio: {ratios[TRAINING]:.2f}")
+
+
+def batch_vs_step(rounds: int) -> tuple[float, float]:
+  """Median ms of the default run's batch alone and of its whole train step, interleaved."""
+  setup = stages.validate(DEFAULT)
+  data_fn = training.multitask_data_fn(TRAINING, TRAIN_BATCH, tuple(DEFAULT.train.tasks))
+  draw = jax.jit(data_fn)
+  model = iq_transformer.IQTransformer(setup.teacher)
+  tx = optax.adamw(DEFAULT.train.learning_rate, weight_decay=DEFAULT.train.weight_decay)
+  step = training.make_train_step(training.multitask_forward(model.apply), tx,
+                                  training.task_losses, data_fn)
+  box = [training.create_train_state(
+      iq_transformer.init_params(setup.teacher, jax.random.key(0)), tx, jax.random.key(1))]
+
+  def one_step():
+    box[0], metrics = step(box[0])
+    return metrics
+
+  keys = list(jax.random.split(jax.random.key(2), rounds))
+  _time(lambda: draw(keys[0]))
+  _time(one_step)  # compile both first
+  batch, whole = [], []
+  for k in keys:
+    batch.append(_time(lambda k=k: draw(k))[0])
+    whole.append(_time(one_step)[0])
+  return np.median(batch) * 1e3, np.median(whole) * 1e3
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from compressjax.channels.receivers import mmse_equalize
 from compressjax.channels.receivers import perfect_csi_detect
 from compressjax.channels.receivers import zf_equalize
 from compressjax.channels import fading
+from compressjax.channels import variates
 from compressjax.channels.config import ChannelConfig
 from compressjax.channels.fading import DOPPLER_MODELS
 from compressjax.channels.fading import PROFILES

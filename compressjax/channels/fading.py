@@ -10,9 +10,9 @@ Rayleigh fading on every tap, and a single-tap profile is flat Rician fading.
 Time variation follows the Clarke/Jakes Doppler spectrum (`doppler_taps`). NumPy functions
 describe profiles (static, resolved outside ``jit``); the jnp functions draw one example's
 taps and are vmapped by the simulator. Each draw has a ``*_from_bits`` form taking raw
-uint32 words, so the simulator draws all of an example's randomness in ONE PRNG call
-(on XLA:CPU each ``jax.random`` call is a rolled threefry loop: about a second of compile
-time and a slow loop at run time).
+uint32 words (`variates`), so the simulator draws all of an example's randomness in ONE
+PRNG call, and a ``*_parts`` form returning float32 (real, imaginary) parts, the form
+XLA:CPU vectorizes.
 """
 
 import functools
@@ -22,6 +22,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from compressjax.channels import variates
 
 PROFILES = ("awgn", "flat", "exponential", "inf_los")
 MAX_DERIVED_TAPS = 16    # cap on a derived tap count (set num_taps to go beyond)
@@ -159,66 +161,13 @@ def rms_delay_spread_ns(powers: np.ndarray, sample_rate_hz: float) -> float:
   return float(np.sqrt(max(np.sum(p * tau ** 2) - mean ** 2, 0.0)))
 
 
-# Cody-Waite split of pi/2 and Cephes sinf/cosf minimax coefficients on [-pi/4, pi/4]
-# (S. L. Moshier, Methods and Programs for Mathematical Functions, 1989).
-_PIO2 = (np.float32(1.5703125), np.float32(4.837512969970703125e-4),
-         np.float32(7.54978995489188216e-8))
-_SIN = (np.float32(-1.6666654611e-1), np.float32(8.3321608736e-3), np.float32(-1.9515295891e-4))
-_COS = (np.float32(4.166664568298827e-2), np.float32(-1.388731625493765e-3),
-        np.float32(2.443315711809948e-5))
-
-
-def sincos(x: chex.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """(sin x, cos x) in float32 from mul/add polynomials (abs. error < 2e-7 for |x| < 1e4).
-
-  XLA:CPU evaluates ``jnp.sin``/``jnp.cos`` element by element, about 10x slower than
-  this vectorizable form, which also fuses with its neighbours on every backend.
-
-  Args:
-    x: float32 array of angles in radians.
-
-  Returns:
-    Two float32 arrays shaped like ``x``.
-  """
-  x = jnp.asarray(x, jnp.float32)
-  k = jnp.round(x * np.float32(2 / np.pi))
-  r = ((x - k * _PIO2[0]) - k * _PIO2[1]) - k * _PIO2[2]
-  q = k.astype(jnp.int32) & 3
-  r2 = r * r
-  s = r + r * r2 * (_SIN[0] + r2 * (_SIN[1] + r2 * _SIN[2]))
-  c = 1 - 0.5 * r2 + r2 * r2 * (_COS[0] + r2 * (_COS[1] + r2 * _COS[2]))
-  swap = (q & 1) == 1
-  sin = jnp.where(q >= 2, -1.0, 1.0) * jnp.where(swap, c, s)
-  cos = jnp.where((q == 1) | (q == 2), -1.0, 1.0) * jnp.where(swap, s, c)
-  return sin, cos
-
-
 def _cis(x: jnp.ndarray) -> jnp.ndarray:
-  sin, cos = sincos(x)
+  sin, cos = variates.sincos(x)
   return jax.lax.complex(cos, sin)
 
 
-def uniform_from_bits(bits: chex.Array) -> jnp.ndarray:
-  """Uniform float32 in [0, 1) from uint32 words (their top 24 bits)."""
-  return (bits >> np.uint32(8)).astype(jnp.float32) * np.float32(2.0 ** -24)
-
-
-def complex_normal_from_bits(bits: chex.Array) -> jnp.ndarray:
-  """CN(0, 1) samples from uint32 words by Box & Muller (Ann. Math. Stat. 29(2), 1958).
-
-  z = sqrt(-ln u1) e^{j 2 pi u2}, so |z|^2 ~ Exp(1) and the phase is uniform. u1 uses all
-  32 bits, (w + 1/2) 2^-32, so the tail reaches |z|^2 = 22.9 (6.8 sigma per axis).
-
-  Args:
-    bits: uint32 [2 n].
-
-  Returns:
-    complex64 [n].
-  """
-  n = bits.shape[0] // 2
-  u1 = (bits[:n].astype(jnp.float32) + np.float32(0.5)) * np.float32(2.0 ** -32)
-  radius = jnp.sqrt(-jnp.log(u1))
-  return _cis(np.float32(2 * np.pi) * uniform_from_bits(bits[n:])) * radius
+def _complex(parts: tuple[jnp.ndarray, jnp.ndarray]) -> jnp.ndarray:
+  return jax.lax.complex(*parts)
 
 
 def _amplitudes(pdp: np.ndarray, k_factor: float) -> tuple[np.ndarray, float]:
@@ -235,10 +184,18 @@ def block_taps_words(num_taps: int) -> int:
 
 def block_taps_from_bits(bits: chex.Array, pdp: np.ndarray, k_factor: float) -> jnp.ndarray:
   """`block_taps` from ``block_taps_words(T)`` raw uint32 words instead of a key."""
+  return _complex(block_taps_parts(bits, pdp, k_factor))
+
+
+def block_taps_parts(bits: chex.Array, pdp: np.ndarray,
+                     k_factor: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(real, imaginary) float32 [T] parts of `block_taps_from_bits`."""
   diffuse, los = _amplitudes(pdp, k_factor)
   n_t = len(pdp)
-  taps = complex_normal_from_bits(bits[:2 * n_t]) * diffuse
-  return taps.at[0].add(_cis(np.float32(2 * np.pi) * uniform_from_bits(bits[2 * n_t])) * los)
+  re, im = variates.normal_parts_from_bits(bits[:2 * n_t])
+  sin, cos = variates.sincos(np.float32(2 * np.pi) * variates.uniform_from_bits(bits[2 * n_t]))
+  onehot = np.eye(1, n_t, dtype=np.float32)[0] * np.float32(los)
+  return re * diffuse + cos * onehot, im * diffuse + sin * onehot
 
 
 def block_taps(key: chex.PRNGKey, pdp: np.ndarray, k_factor: float) -> jnp.ndarray:
@@ -259,6 +216,7 @@ def block_taps(key: chex.PRNGKey, pdp: np.ndarray, k_factor: float) -> jnp.ndarr
 
 DOPPLER_MODELS = ("kl", "sos")
 KL_TOLERANCE = 1e-6      # power fraction the truncated Karhunen-Loeve basis may drop
+KL_FUSED_RANK = 4        # up to this KL rank the basis products are fused multiply-adds
 
 
 @functools.lru_cache(maxsize=64)
@@ -301,21 +259,29 @@ def doppler_taps_words(num_taps: int, doppler_norm: float, seq_len: int, model: 
   return num_taps * (2 * num_sinusoids + 1) + 2
 
 
-def _kl_rows(bits, doppler_norm, seq_len, n_t):
+def _kl_parts(bits, doppler_norm, seq_len, n_t):
+  """(real, imaginary) [L, T] of T independent unit-power Clarke processes."""
   basis = clarke_basis(float(doppler_norm), int(seq_len))                 # [L, r]
-  z = complex_normal_from_bits(bits).reshape(n_t, basis.shape[1])
-  g = jnp.concatenate([jnp.real(z), jnp.imag(z)]) @ basis.T               # one real matmul
-  return jax.lax.complex(g[:n_t], g[n_t:])                                # [T, L]
+  rank = basis.shape[1]
+  z = jnp.concatenate([p.reshape(n_t, rank) for p in variates.normal_parts_from_bits(bits)])
+  if rank <= KL_FUSED_RANK:
+    # Slow fading has rank 1-3: a few broadcast multiply-adds fuse with their consumers;
+    # a batched GEMM of that size made the training batch ~1.9x slower on XLA:CPU.
+    g = sum(basis[:, j:j + 1] * z[:, j] for j in range(rank))           # [L, 2T]
+  else:
+    g = basis @ z.T                                                       # one real matmul
+  return g[:, :n_t], g[:, n_t:]
 
 
 def _sos_rows(bits, doppler_norm, seq_len, n_t, n_s):
   """Zheng-Xiao angles with Gaussian weights; phases factored as l = 16 h + m."""
   l2 = min(16, seq_len)
   l1 = -(-seq_len // l2)
-  u = uniform_from_bits(bits[:n_t])
-  z = complex_normal_from_bits(bits[n_t:]).reshape(n_t, n_s) * np.float32(math.sqrt(1 / n_s))
+  u = variates.uniform_from_bits(bits[:n_t])
+  z = variates.complex_normal_from_bits(bits[n_t:]).reshape(n_t, n_s)
+  z = z * np.float32(math.sqrt(1 / n_s))
   alpha = np.float32(np.pi / n_s) * (np.arange(n_s, dtype=np.float32) + u[:, None])
-  w = (np.float32(2 * np.pi * doppler_norm) * sincos(alpha)[1])[..., None]  # [T, N, 1]
+  w = (np.float32(2 * np.pi * doppler_norm) * variates.sincos(alpha)[1])[..., None]   # [T, N, 1]
   p = _cis((l2 * np.arange(l1, dtype=np.float32)) * w) * z[..., None]     # [T, N, L1]
   q = _cis(np.arange(l2, dtype=np.float32) * w)                            # [T, N, L2]
   return jnp.einsum("tnh,tnm->thm", p, q).reshape(n_t, l1 * l2)[:, :seq_len]
@@ -325,18 +291,45 @@ def doppler_taps_from_bits(bits: chex.Array, pdp: np.ndarray, k_factor: float,
                            doppler_norm: float, seq_len: int, model: str = "kl",
                            num_sinusoids: int = 8) -> jnp.ndarray:
   """`doppler_taps` from `doppler_taps_words` raw uint32 words instead of a key."""
+  return _complex(doppler_taps_parts(bits, pdp, k_factor, doppler_norm, seq_len, model,
+                                    num_sinusoids))
+
+
+def doppler_taps_parts(bits: chex.Array, pdp: np.ndarray, k_factor: float,
+                       doppler_norm: float, seq_len: int, model: str = "kl",
+                       num_sinusoids: int = 8) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(real, imaginary) float32 [L, T] parts of `doppler_taps_from_bits`.
+
+  Built time-major, the layout of ``Batch.taps``, so the simulator writes its output in
+  one pass and the convolution reads the same array (no transpose).
+  """
   diffuse, los = _amplitudes(pdp, k_factor)
   n_t = len(pdp)
   if model == "kl":
-    g = _kl_rows(bits[2:], doppler_norm, seq_len, n_t)
+    re, im = _kl_parts(bits[2:], doppler_norm, seq_len, n_t)
   else:
-    g = _sos_rows(bits[2:], doppler_norm, seq_len, n_t, num_sinusoids)
-  theta0, phi0 = np.float32(2 * np.pi) * uniform_from_bits(bits[:2])
-  phase = (np.float32(2 * np.pi * doppler_norm) * sincos(theta0)[1]
-           * np.arange(seq_len, dtype=np.float32) + phi0)
-  # LOS on row 0 only: broadcast over all T rows by a 0/1 mask, XLA:CPU recomputes it in
-  # every consumer (several times slower).
-  return (g * diffuse[:, None]).at[0].add(_cis(phase) * np.float32(los)).T
+    g = _sos_rows(bits[2:], doppler_norm, seq_len, n_t, num_sinusoids).T
+    re, im = jnp.real(g), jnp.imag(g)
+  re, im = re * diffuse, im * diffuse
+  if los == 0:
+    return re, im
+  angles = np.float32(2 * np.pi) * variates.uniform_from_bits(bits[:2])    # theta0, phi0
+  sin, cos = variates.sincos(angles)
+  # Per frame: the Doppler shift fd cos(theta0) and e^{j phi0}, computed once rather than
+  # in every sample of every consumer.
+  doppler, c0, s0 = variates.computed_once(cos[0], cos[1], sin[1])
+  turn = np.float32(2 * np.pi * doppler_norm) * doppler * np.arange(seq_len, dtype=np.float32)
+  if 2 * np.pi * doppler_norm * (seq_len - 1) <= np.pi / 4:
+    # Slow fading turns the LOS by at most pi / 4 over the frame: no range reduction.
+    s, c = variates.sincos_reduced(turn)
+  else:
+    s, c = variates.sincos(turn)
+  sin, cos = s0 * c + c0 * s, c0 * c - s0 * s                             # e^{j(phi0 + turn)}
+  los = np.float32(los)
+  # The LOS joins column 0 by a concatenation: added through a 0/1 mask over all T
+  # columns, XLA:CPU would evaluate its sine and cosine T times per sample.
+  return (jnp.concatenate([re[:, :1] + (los * cos)[:, None], re[:, 1:]], axis=1),
+          jnp.concatenate([im[:, :1] + (los * sin)[:, None], im[:, 1:]], axis=1))
 
 
 def doppler_taps(key: chex.PRNGKey, pdp: np.ndarray, k_factor: float, doppler_norm: float,

@@ -10,12 +10,16 @@ one frame from one key; `simulate` splits a key into ``batch_size`` keys and vma
 ``jit`` (config, batch size and task static; the SNR range is data), so the same key gives
 the same batch and example i depends only on the i-th split key.
 
-Speed on XLA:CPU (measured, see bench/channel_throughput.py): each example draws all its
-randomness as ONE block of uint32 words (`_random_words`, an unrolled Threefry behind an
-optimization barrier, so the hash is computed once and not re-fused into every consumer);
-variates come from `fading`'s ``*_from_bits`` functions. Keep the default threefry keys:
-"rbg"/"unsafe_rbg" keys are slower here and break the vmap contract (XLA batches
-RngBitGenerator from the first key only, so vmapped and looped draws differ).
+Speed on XLA:CPU (measured, see bench/channel_throughput.py): the batch keys come from
+`variates.split` (bit for bit ``jax.random.split``, unrolled); each example draws all its
+randomness as ONE block of uint32 words (`variates.random_words`), as few as the frame
+needs (16-bit noise phases, 32 // k symbols per word); the channel comes from `fading`'s
+``*_parts`` functions, float32 real and imaginary parts (XLA:CPU vectorizes those, not
+complex64 ones) with time-varying taps built time-major, the layout of ``Batch.taps``;
+with such taps the received samples are one variadic reduction (`_received_parts`).
+Keep the default threefry keys: "rbg"/"unsafe_rbg" keys are slower here and break the
+vmap contract (XLA batches RngBitGenerator from the first key only, so vmapped and looped
+draws differ).
 
 Tasks share one frame generator and one `Batch` structure per config:
   "modulation": a class c uniform over ``cfg.modulations``; all L symbols are uniform
@@ -38,6 +42,7 @@ import numpy as np
 
 from compressjax.channels import constellations
 from compressjax.channels import fading
+from compressjax.channels import variates
 from compressjax.channels.config import ChannelConfig
 
 TASKS = ("modulation", "symbols", "channel")
@@ -98,36 +103,6 @@ def pilot_symbols(num_pilots: int) -> jnp.ndarray:
   return jnp.asarray(_pilot_table(int(num_pilots)))
 
 
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _random_words(key: chex.PRNGKey, n: int) -> jnp.ndarray:
-  """n uint32 words: Threefry-2x32-20 of counters (c, 0), c < n / 2, under the key.
-
-  The hash of JAX's default keys (Salmon et al., "Parallel random numbers: as easy as 1, 2,
-  3", SC 2011; equal to ``jax.extend.random.threefry_2x32``) written out unrolled, which
-  XLA:CPU runs about twice as fast as JAX's rolled-loop lowering and compiles faster.
-  Keys of other implementations use ``jax.random.bits``.
-  """
-  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-  impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
-  if impl != "threefry2x32":
-    return jax.random.bits(key, (n,), jnp.uint32)
-  k0, k1 = jax.random.key_data(key) if typed else key
-  ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
-  x0 = jnp.arange((n + 1) // 2, dtype=jnp.uint32) + ks[0]
-  x1 = jnp.zeros_like(x0) + ks[1]
-  for i in range(5):
-    for r in _ROTATIONS[i % 2]:
-      x0 = x0 + x1
-      x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
-    x0 = x0 + ks[(i + 1) % 3]
-    x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
-  # Behind a barrier the words are computed once; fused, the 20 rounds would be recomputed
-  # inside every consumer (symbols, bits, noise, taps): about 3x slower overall.
-  return jax.lax.optimization_barrier(jnp.concatenate([x0, x1])[:n])
-
-
 def _check_task(task: str) -> None:
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -147,20 +122,39 @@ def _class_table(mods: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
   return table, np.array([constellations.bits_per_symbol(m) for m in mods], np.uint32)
 
 
-def _draw_symbols(words, cfg: ChannelConfig, task: str, u_class):
-  """Symbol indices [L], points [L], class index and bits per symbol from L uint32 words.
-
-  M is a power of two, so the top k bits of a word are uniform over the M points.
-  """
+def _lane_bits(cfg: ChannelConfig, task: str) -> int:
+  """Bits each symbol draws: k, or in the "modulation" task the largest k of the classes."""
   if task != "modulation":
-    k = cfg.bits_per_symbol
-    idx = (words >> np.uint32(32 - k)).astype(jnp.int32)
-    return idx, jnp.asarray(_points(cfg.modulation))[idx], jnp.int32(0), k
+    return cfg.bits_per_symbol
+  return max(constellations.bits_per_symbol(m) for m in cfg.modulations)
+
+
+def _symbol_words(cfg: ChannelConfig, task: str) -> int:
+  return -(-cfg.seq_len // (32 // _lane_bits(cfg, task)))
+
+
+def _parts(table: np.ndarray, index) -> tuple[jnp.ndarray, jnp.ndarray]:
+  return jnp.asarray(table.real)[index], jnp.asarray(table.imag)[index]
+
+
+def _draw_symbols(words, cfg: ChannelConfig, task: str, u_class):
+  """Symbol indices [L], points (real, imag) [L], class and bits per symbol from words.
+
+  Each word holds 32 // w lanes of w = `_lane_bits` bits, one symbol per lane, taken MSB
+  first; M is a power of two, so the top k bits of a lane are uniform over the M points.
+  """
+  width = _lane_bits(cfg, task)
+  shifts = np.uint32(32 - width * (np.arange(32 // width) + 1))
+  lanes = ((words[:, None] >> shifts) & np.uint32((1 << width) - 1)).reshape(-1)
+  lanes = lanes[:cfg.seq_len]
+  if task != "modulation":
+    idx = lanes.astype(jnp.int32)
+    return idx, _parts(_points(cfg.modulation), idx), jnp.int32(0), width
   table, ks = _class_table(cfg.modulations)
   cls = jnp.minimum((u_class * table.shape[0]).astype(jnp.int32), table.shape[0] - 1)
   k = jnp.asarray(ks)[cls]
-  idx = (words >> (np.uint32(32) - k)).astype(jnp.int32)
-  return idx, jnp.asarray(table.reshape(-1))[cls * table.shape[1] + idx], cls, k
+  idx = (lanes >> (np.uint32(width) - k)).astype(jnp.int32)
+  return idx, _parts(table.reshape(-1), cls * table.shape[1] + idx), cls, k
 
 
 def _channel_words(cfg: ChannelConfig) -> int:
@@ -173,22 +167,43 @@ def _channel_words(cfg: ChannelConfig) -> int:
 
 
 def _convolve(x: jnp.ndarray, taps: jnp.ndarray) -> jnp.ndarray:
-  """y[n] = sum_t taps[(n,) t] x[n - t], zero history, as T shifted multiply-adds.
+  """y[n] = sum_t taps[(n,) t] x[n - t], zero history; ``taps`` is [T] or [L, T]."""
+  parts = _received_parts((jnp.real(x), jnp.imag(x)), (jnp.real(taps), jnp.imag(taps)))
+  return jax.lax.complex(*parts)
 
-  ``taps`` is [T] or [L, T]; time-varying taps are used as rows [T, L] so every term is a
-  contiguous multiply-add (a few fused ones beat ``jnp.convolve`` on CPU).
+
+def _received_parts(x, taps, noise=None):
+  """(real, imag) of sum_t taps[(n,) t] x[n - t] (+ noise[n]) from float32 parts.
+
+  Real arithmetic: XLA:CPU vectorizes float32 loops and not complex64 ones. Time-varying
+  taps sum the T products and the noise as T + 1 terms of ONE two-output ``lax.reduce``,
+  so XLA computes each sample's real and imaginary parts in one pass (as two arrays,
+  every shared term, noise and LOS phasor, is evaluated twice); block taps are faster
+  as fused multiply-adds (the reduction measured 2-5x slower there).
   """
-  rows = taps.T
-  if rows.shape[0] == 1:
+  (x_re, x_im), (h_re, h_im) = x, taps
+  if h_re.shape[-1] == 1:
     # A zero second tap keeps x a separate fusion on XLA:CPU; fused alone, the gather
     # of x and the Box-Muller noise share one loop that runs scalar, twice as slow.
-    rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
-  num_taps, seq_len = rows.shape[0], x.shape[0]
-  xp = jnp.concatenate([jnp.zeros((num_taps - 1,), x.dtype), x])
-  y = x * rows[0]
-  for t in range(1, num_taps):
-    y = y + xp[num_taps - 1 - t:num_taps - 1 - t + seq_len] * rows[t]
-  return y
+    h_re, h_im = (jnp.concatenate([h, jnp.zeros_like(h)], -1) for h in (h_re, h_im))
+  num_taps, seq_len = h_re.shape[-1], x_re.shape[0]
+  pad = np.zeros((num_taps - 1,), np.float32)
+  xp_re, xp_im = jnp.concatenate([pad, x_re]), jnp.concatenate([pad, x_im])
+  terms_re, terms_im = [], []
+  for t in range(num_taps):
+    s_re = xp_re[num_taps - 1 - t:num_taps - 1 - t + seq_len]
+    s_im = xp_im[num_taps - 1 - t:num_taps - 1 - t + seq_len]
+    g_re, g_im = h_re[..., t], h_im[..., t]
+    terms_re.append(g_re * s_re - g_im * s_im)
+    terms_im.append(g_re * s_im + g_im * s_re)
+  if noise is not None:
+    terms_re.append(noise[0])
+    terms_im.append(noise[1])
+  if h_re.ndim == 1:
+    return sum(terms_re), sum(terms_im)
+  zero = np.float32(0)
+  return jax.lax.reduce((jnp.stack(terms_re, -1), jnp.stack(terms_im, -1)), (zero, zero),
+                        lambda a, b: (a[0] + b[0], a[1] + b[1]), (1,))
 
 
 def _pilot_frame(cfg: ChannelConfig) -> np.ndarray:
@@ -207,11 +222,15 @@ def _check_args(cfg, task: str) -> None:
 def _example(key, cfg: ChannelConfig, task: str, snr_lo, snr_hi) -> Batch:
   """One frame; the SNR range is an argument (traced under `simulate`), not ``cfg``'s."""
   seq = cfg.seq_len
-  # ONE PRNG call per example: [class, snr | 2L noise | L symbols | channel].
-  bits = _random_words(key, 2 + 3 * seq + _channel_words(cfg))
-  u = fading.uniform_from_bits(bits[:2])
+  # ONE PRNG call per example: [class, snr | L noise radii | L noise phases, 16 bits each |
+  # symbols, 32 // w per word | channel].
+  o_phase = 2 + seq
+  o_sym = o_phase + (seq + 1) // 2
+  o_chan = o_sym + _symbol_words(cfg, task)
+  bits = variates.random_words(key, o_chan + _channel_words(cfg))
+  u = variates.uniform_from_bits(bits[:2])
   snr_db = snr_lo + (snr_hi - snr_lo) * u[1]
-  idx, x, label, k = _draw_symbols(bits[2 + 2 * seq:2 + 3 * seq], cfg, task, u[0])
+  idx, (x_re, x_im), label, k = _draw_symbols(bits[o_sym:o_chan], cfg, task, u[0])
   es_n0_db = snr_db
   if cfg.snr_type == "eb_n0":
     es_n0_db = snr_db + 10.0 * jnp.log10(jnp.asarray(k, jnp.float32))
@@ -219,27 +238,33 @@ def _example(key, cfg: ChannelConfig, task: str, snr_lo, snr_hi) -> Batch:
 
   mask = _pilot_mask(cfg, task)
   if mask.any():
-    x = jnp.where(mask, _pilot_frame(cfg), x)
+    pilots = _pilot_frame(cfg)
+    x_re, x_im = jnp.where(mask, pilots.real, x_re), jnp.where(mask, pilots.imag, x_im)
     idx = jnp.where(mask, 0, idx)
   if task == "modulation":
     bits_out = jnp.zeros((seq, cfg.bits_per_symbol), jnp.int32)
   else:
     bits_out = constellations.indices_to_bits(idx, cfg.modulation)
 
-  chan = bits[2 + 3 * seq:]
+  chan = bits[o_chan:]
   if cfg.profile == "awgn":
-    taps = jnp.zeros((cfg.tap_count,), jnp.complex64).at[0].set(1.0)
+    h = np.eye(1, cfg.tap_count, dtype=np.float32)[0]
+    h = (jnp.asarray(h), jnp.zeros_like(h))
   elif cfg.time_varying:
-    taps = fading.doppler_taps_from_bits(chan, cfg.pdp, cfg.k_factor, cfg.doppler_norm, seq,
-                                         cfg.doppler_model, cfg.doppler_sinusoids)
+    h = fading.doppler_taps_parts(chan, cfg.pdp, cfg.k_factor, cfg.doppler_norm, seq,
+                                  cfg.doppler_model, cfg.doppler_sinusoids)
   else:
-    taps = fading.block_taps_from_bits(chan, cfg.pdp, cfg.k_factor)
+    h = fading.block_taps_parts(chan, cfg.pdp, cfg.k_factor)
 
-  noise = fading.complex_normal_from_bits(bits[2:2 + 2 * seq]) * jnp.sqrt(noise_var)
-  y = _convolve(x, taps) + noise
-  return Batch(iq=jnp.stack([jnp.real(y), jnp.imag(y)], -1), label=label, snr_db=snr_db,
-               symbols=idx, bits=bits_out, pilot_mask=jnp.asarray(mask), taps=taps,
-               noise_var=noise_var)
+  half = bits[o_phase:o_sym]
+  turns = jnp.concatenate([half >> np.uint32(16), half & np.uint32(0xFFFF)])[:seq]
+  turns = turns.astype(jnp.float32) * np.float32(2.0 ** -16)
+  w_re, w_im = variates.normal_parts_from_bits(bits[2:o_phase], turns)
+  std = jnp.sqrt(noise_var)
+  y_re, y_im = _received_parts((x_re, x_im), h, (std * w_re, std * w_im))
+  return Batch(iq=jnp.stack([y_re, y_im], -1), label=label,
+               snr_db=snr_db, symbols=idx, bits=bits_out, pilot_mask=jnp.asarray(mask),
+               taps=jax.lax.complex(*h), noise_var=noise_var)
 
 
 def simulate_example(key: chex.PRNGKey, cfg: ChannelConfig, task: str = "symbols") -> Batch:
@@ -261,7 +286,7 @@ def simulate_example(key: chex.PRNGKey, cfg: ChannelConfig, task: str = "symbols
 
 @functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "task"))
 def _simulate(key, cfg, batch_size, task, snr_lo, snr_hi):
-  keys = jax.random.split(key, batch_size)
+  keys = variates.split(key, batch_size)
   axes = Batch(*([0] * len(Batch._fields)))._replace(pilot_mask=None)
   return jax.vmap(lambda k: _example(k, cfg, task, snr_lo, snr_hi), out_axes=axes)(keys)
 
@@ -287,14 +312,19 @@ def simulate(key: chex.PRNGKey, cfg: ChannelConfig, batch_size: int,
   if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
       or batch_size < 1:
     raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-  lo, hi = cfg.snr_range
-  static = _without_snr(cfg)
-  return _simulate(key, static, int(batch_size), task, np.float32(lo), np.float32(hi))
+  return _simulate(key, _without_snr(cfg), int(batch_size), task, *_snr_bounds(cfg.snr_range))
 
 
 @functools.lru_cache(maxsize=256)
 def _without_snr(cfg: ChannelConfig) -> ChannelConfig:
   return dataclasses.replace(cfg, snr_db=0.0)
+
+
+@functools.lru_cache(maxsize=256)
+def _snr_bounds(snr_range: tuple[float, float]) -> tuple[jax.Array, jax.Array]:
+  # Kept on the device: two host scalars to transfer cost ~8% of a B=256 training batch.
+  with jax.ensure_compile_time_eval():
+    return jnp.float32(snr_range[0]), jnp.float32(snr_range[1])
 
 
 def transmitted_symbols(batch: Batch, cfg: ChannelConfig, task: str = "symbols") -> jnp.ndarray:

@@ -6,10 +6,9 @@ Statistical checks use fixed seeds; each states its tolerance in standard errors
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import special, stats
+from scipy import special
 
 from compressjax.channels import fading
 
@@ -54,27 +53,6 @@ def test_rms_delay_spread_and_mean_tap_powers():
   np.testing.assert_allclose(fading.mean_tap_powers(pdp, 0.0), pdp)
   np.testing.assert_allclose(fading.mean_tap_powers(pdp, 4.0), [4.5 / 5, 0.3 / 5, 0.2 / 5])
   np.testing.assert_allclose(fading.mean_tap_powers(pdp, math.inf), [1.0, 0.0, 0.0])
-
-
-def test_sincos_matches_numpy():
-  x = np.concatenate([np.linspace(-1e4, 1e4, 200_001), np.pi / 2 * np.arange(-8, 9)])
-  x = x.astype(np.float32)
-  s, c = jax.jit(fading.sincos)(x)
-  np.testing.assert_allclose(np.asarray(s), np.sin(x.astype(np.float64)), rtol=0, atol=2.5e-7)
-  np.testing.assert_allclose(np.asarray(c), np.cos(x.astype(np.float64)), rtol=0, atol=2.5e-7)
-
-
-def test_complex_normal_from_bits_is_circular_standard_normal():
-  n = 1 << 17
-  bits = jax.random.bits(jax.random.key(1), (2 * n,), jnp.uint32)
-  z = np.asarray(jax.jit(fading.complex_normal_from_bits)(bits)).astype(np.complex128)
-  se = 1 / math.sqrt(n)
-  assert abs(np.mean(np.abs(z) ** 2) - 1) < 5 * se            # Var |z|^2 = 1
-  assert abs(np.mean(z)) < 5 * se
-  assert abs(np.mean(z * z)) < 5 * se                         # circular
-  # Kolmogorov-Smirnov at the 0.1% level: real part N(0, 1/2), |z|^2 Exp(1).
-  assert stats.kstest(z.real, stats.norm(scale=math.sqrt(0.5)).cdf).pvalue > 1e-3
-  assert stats.kstest(np.abs(z) ** 2, stats.expon.cdf).pvalue > 1e-3
 
 
 def _k_factor_moments(h0, total_power):
@@ -153,3 +131,29 @@ def test_doppler_taps_mean_powers_and_k_factor_per_sample():
     # K from one time sample; its std at this n is about 0.13 dB: 0.6 dB is 4.5 of them.
     k_hat = _k_factor_moments(h[:, 5, 0], 1.0)
     assert abs(10 * math.log10(k_hat) - 10.0) < 0.6, model
+
+
+@pytest.mark.parametrize("fd", [1e-4, 0.01])       # LOS turn below pi / 4 per frame, and above
+def test_los_alone_is_a_unit_tone_at_a_random_doppler_shift(fd):
+  seq, n = 64, 4096
+  h = _draw(lambda key: fading.doppler_taps(key, np.ones(1), math.inf, fd, seq), n)
+  h = h[..., 0].astype(np.complex128)
+  np.testing.assert_allclose(np.abs(h), 1.0, atol=1e-6)
+  # e^{j(phi0 + 2 pi fd cos(theta0) n)}: a constant step per frame; float32 phases leave
+  # ~1e-7 rad of error per sample, < 1e-3 of the smallest step here.
+  shift = np.angle(h[:, 1:] * np.conj(h[:, :-1])) / (2 * np.pi * fd)
+  np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1], shift.shape), atol=2e-3)
+  # cos(theta0) with theta0 uniform: mean 0 and mean square 1/2 (standard errors 0.011
+  # and 0.0055 at this n: 5 of them); phi0 uniform: E h = 0 (standard error 1/64).
+  c = shift[:, 0]
+  assert np.all(np.abs(c) <= 1 + 2e-3)
+  assert abs(c.mean()) < 0.055 and abs(np.mean(c ** 2) - 0.5) < 0.028
+  assert abs(h[:, 0].mean()) < 5 / math.sqrt(n)
+  # Against the closed form from the same words: theta0, phi0 from the top 24 bits of the
+  # first two (as `doppler_taps` draws them).
+  words = fading.doppler_taps_words(1, fd, seq)
+  keys = jax.random.split(jax.random.key(0), n)[:16]                    # as `_draw`
+  u = np.stack([np.asarray(jax.random.bits(k, (words,), np.uint32))[:2] >> 8 for k in keys])
+  theta0, phi0 = (2 * np.pi * u * 2.0 ** -24).T
+  want = np.exp(1j * (phi0[:, None] + 2 * np.pi * fd * np.cos(theta0)[:, None] * np.arange(seq)))
+  np.testing.assert_allclose(h[:16], want, atol=1e-5)

@@ -4,6 +4,7 @@ References are independent NumPy re-implementations (convolution, bit split, SNR
 statistical checks use fixed seeds and state their tolerance in standard errors.
 """
 
+import math
 import sys
 
 import chex
@@ -160,13 +161,29 @@ def test_modulation_task_classes_and_points():
   np.testing.assert_array_equal(b.taps, 1.0)
 
 
-def test_random_words_are_jax_threefry_of_counters():
-  key = jax.random.key(11)
-  n = 9
-  want = jax.extend.random.threefry_2x32(
-      jax.random.key_data(key), np.concatenate([np.arange(5), np.zeros(5)]).astype(np.uint32))
-  np.testing.assert_array_equal(SIM._random_words(key, n), np.asarray(want)[:n])
-  np.testing.assert_array_equal(SIM._random_words(jax.random.PRNGKey(11), n),
-                                SIM._random_words(key, n))               # raw uint32 keys
-  rbg = jax.random.key(11, impl="rbg")                                   # other impls
-  np.testing.assert_array_equal(SIM._random_words(rbg, n), jax.random.bits(rbg, (n,)))
+def test_packed_symbols_are_uniform_and_independent():
+  # Symbols share uint32 words (8 per word for 16-QAM, 5 six-bit lanes in the modulation
+  # task): every symbol and every adjacent pair must still be uniform. Chi-square tests at
+  # the 0.1% level.
+  b = _np(channels.simulate(jax.random.key(13), VARYING, 1024, "symbols"))
+  s = b.symbols[:, VARYING.num_pilots:]
+  assert stats.chisquare(np.bincount(s.ravel(), minlength=16)).pvalue > 1e-3
+  pairs = s[:, :-1] * 16 + s[:, 1:]
+  assert stats.chisquare(np.bincount(pairs.ravel(), minlength=256)).pvalue > 1e-3
+  m = _np(channels.simulate(jax.random.key(14), MOD, 2048, "modulation"))
+  for c, name in enumerate(MOD.modulations):
+    counts = np.bincount(m.symbols[m.label == c].ravel(), minlength=channels.order(name))
+    assert stats.chisquare(counts).pvalue > 1e-3, name
+
+
+def test_noise_is_circular_gaussian_with_16_bit_phases():
+  # AWGN through the unit tap: iq - x is the noise alone. Kolmogorov-Smirnov at 0.1%:
+  # each part N(0, N0/2), |w|^2 / N0 ~ Exp(1), the phase uniform.
+  cfg = channels.ChannelConfig(seq_len=64, num_pilots=0, profile="awgn", snr_db=(0.0, 20.0))
+  b = _np(channels.simulate(jax.random.key(15), cfg, 1024, "symbols"))
+  w = b.iq[..., 0] + 1j * b.iq[..., 1] - _sent_symbols(b, cfg)
+  w = (w / np.sqrt(b.noise_var[:, None])).ravel()
+  for part in (w.real, w.imag):
+    assert stats.kstest(part, stats.norm(scale=math.sqrt(0.5)).cdf).pvalue > 1e-3
+  assert stats.kstest(np.abs(w) ** 2, stats.expon.cdf).pvalue > 1e-3
+  assert stats.kstest(np.angle(w), stats.uniform(-np.pi, 2 * np.pi).cdf).pvalue > 1e-3
