@@ -157,7 +157,10 @@ class RunCheckpoints:
     while os.path.exists(dst):
       dst += "_"
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    os.rename(src, dst)
+    try:
+      os.rename(src, dst)
+    except FileNotFoundError:  # another process of a multi-host run moved it first
+      pass
     self._manager.reload()
     logging.warning("checkpoint %s is unreadable (%s: %.200s); moved it to %s and falling "
                     "back to the previous one", src, type(error).__name__, error, dst)
