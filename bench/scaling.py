@@ -67,14 +67,18 @@ def _state(setup, tx, seed):
   return steps.create_train_state(params, tx, jax.random.key(seed + 1000))
 
 
-def _runner(step, state, n):
-  """``run()`` doing ``n`` steps from the current state (the state carries on)."""
+def _runner(step, state, n, in_flight=2):
+  """``run()`` doing ``n`` steps from the current state (the state carries on), with at
+  most ``in_flight`` of them queued (`parallel.safe_in_flight`)."""
   box = [state]
 
   def run():
-    s = box[0]
+    s, queued = box[0], []
     for _ in range(n):
       s, m = step(s)
+      queued.append(m)
+      if len(queued) >= in_flight:
+        jax.block_until_ready(queued[-in_flight])
     jax.block_until_ready(m)
     box[0] = s
 
@@ -107,7 +111,7 @@ def main():
     state, m = step(state)
     jax.block_until_ready(m)
     compile_s[n] = time.perf_counter() - t0
-    runs[f"{n} devices"] = _runner(step, state, args.steps)
+    runs[f"{n} devices"] = _runner(step, state, args.steps, parallel.safe_in_flight(mesh))
   t = _median_times(runs, args.rounds)
   base = t["1 devices"]
   print(f"\n{'devices':>8} {'steps/s':>9} {'vs 1':>6} {'compile+1st s':>14}")

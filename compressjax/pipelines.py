@@ -116,7 +116,8 @@ def _train(config, setup, name, model_cfg, inits, tx, steps, keys, ckpt_dir, tea
     state, history = training.train(
         state, step, steps, log_every=min(t.log_every, steps), name=name,
         step_args=step_args, show=("loss", "modulation/accuracy", "symbols/ser"),
-        checkpoints=c, max_nonfinite=t.max_nonfinite)
+        checkpoints=c, max_nonfinite=t.max_nonfinite,
+        max_in_flight=parallel.safe_in_flight(mesh))
   params = jax.device_get(state.params)
   finals = training.unstack(params) if sweep else [params]
   histories = [_member_history(history, i) for i in range(len(inits))] if sweep else [history]

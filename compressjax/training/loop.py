@@ -82,8 +82,8 @@ class Diverged(FloatingPointError):
 def train(state: TrainState, step_fn: StepFn, num_steps: int, *, log_every: int = 100,
           step_args: Sequence[Any] = (), name: str = "train",
           show: Sequence[str] = ("loss",), on_log: LogFn | None = None,
-          checkpoints: RunCheckpoints | None = None, max_nonfinite: int | None = None
-          ) -> tuple[TrainState, list[dict[str, Any]]]:
+          checkpoints: RunCheckpoints | None = None, max_nonfinite: int | None = None,
+          max_in_flight: int | None = 2) -> tuple[TrainState, list[dict[str, Any]]]:
   """Runs ``num_steps`` steps of ``step_fn`` from ``state``, resuming if it can.
 
   Args:
@@ -104,6 +104,8 @@ def train(state: TrainState, step_fn: StepFn, num_steps: int, *, log_every: int 
     max_nonfinite: stop with `Diverged` when this many consecutive steps had non-finite
       gradients (checked at log points; with ``optax.apply_if_finite`` those steps left
       the weights untouched). None never stops.
+    max_in_flight: steps dispatched ahead of the device at most (None: unbounded). Two
+      hide the Python dispatch; `parallel.safe_in_flight` says when one is needed.
 
   Returns:
     ``(state, history)``; ``history`` has one dict per log point: the metrics averaged
@@ -118,6 +120,8 @@ def train(state: TrainState, step_fn: StepFn, num_steps: int, *, log_every: int 
     raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
   if not isinstance(log_every, int) or log_every < 1:
     raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
+  if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
+    raise ValueError(f"max_in_flight must be None or an int >= 1, got {max_in_flight!r}")
   if max_nonfinite is not None and (not isinstance(max_nonfinite, int) or max_nonfinite < 1):
     raise ValueError(f"max_nonfinite must be None or an int >= 1, got {max_nonfinite!r}")
   history: list[dict[str, Any]] = []
@@ -141,6 +145,8 @@ def train(state: TrainState, step_fn: StepFn, num_steps: int, *, log_every: int 
   for i in range(done + 1, num_steps + 1):
     state, metrics = step_fn(state, *step_args)
     pending.append(metrics)
+    if max_in_flight is not None and len(pending) >= max_in_flight:
+      jax.block_until_ready(pending[-max_in_flight])
     save = checkpoints is not None and ((start + i) % checkpoints.every == 0 or i == num_steps)
     if i % log_every == 0 or i == num_steps or save:
       values = _fetch(pending)  # blocks until the interval's steps finished

@@ -24,6 +24,8 @@ from absl import logging
 import chex
 import jax
 import numpy as np
+
+from compressjax import selection
 from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -157,29 +159,56 @@ def check_batch_size(batch_size: int, num_devices: int, field: str = "batch_size
                      f"got {batch_size}")
 
 
-def shard_batch(batches: Any, mesh: Mesh, batch_size: int) -> Any:
-  """Constrains the leaves with a leading ``batch_size`` axis to be split over ``"data"``.
+def shared_leaf(path: str) -> bool:
+  """The default of `shard_batch`: the simulator's ``Batch.pilot_mask`` [L] is shared."""
+  return path.split("/")[-1] == "pilot_mask"
 
-  Leaves without that leading axis (a shared pilot mask) are replicated. Only valid
-  inside ``jit``; the values are unchanged, only where they are computed.
+
+def shard_batch(batches: Any, mesh: Mesh, batch_size: int,
+                shared: Callable[[str], bool] = shared_leaf) -> Any:
+  """Constrains the batch leaves to be split over ``"data"`` along their leading axis.
+
+  A leaf is split when its leading axis has ``batch_size`` entries and ``shared`` (a
+  predicate on its '/'-joined path) is False; other leaves are replicated. (The path
+  test matters when a shared leaf happens to be ``batch_size`` long: split, it would be
+  all-gathered back in every step.) Only valid inside ``jit``; values are unchanged,
+  only where they are computed.
   """
   data, rep = NamedSharding(mesh, P(DATA)), replicated(mesh)
-  split = lambda x: x.ndim >= 1 and x.shape[0] == batch_size
-  return jax.tree.map(
-      lambda x: jax.lax.with_sharding_constraint(x, data if split(x) else rep), batches)
+
+  def constrain(path, x):
+    split = x.ndim >= 1 and x.shape[0] == batch_size and not shared(selection.path_str(path))
+    return jax.lax.with_sharding_constraint(x, data if split else rep)
+
+  return jax.tree_util.tree_map_with_path(constrain, batches)
 
 
-def shard_data_fn(data_fn: Callable[[chex.PRNGKey], Any], mesh: Mesh,
-                  batch_size: int) -> Callable[[chex.PRNGKey], Any]:
+def shard_data_fn(data_fn: Callable[[chex.PRNGKey], Any], mesh: Mesh, batch_size: int,
+                  shared: Callable[[str], bool] = shared_leaf
+                  ) -> Callable[[chex.PRNGKey], Any]:
   """``data_fn`` whose batches are generated split over the mesh (see `shard_batch`).
 
   Args:
     data_fn: ``data_fn(key) -> batches`` whose batch leaves lead with ``batch_size``.
     mesh: the mesh from `make_mesh`.
     batch_size: the leading size of the batch leaves; a multiple of the mesh size.
+    shared: which leaves (by '/'-joined path) are shared by the whole batch.
 
   Returns:
     The wrapped function, for `steps.make_train_step`.
   """
   check_batch_size(batch_size, mesh.size)
-  return lambda key: shard_batch(data_fn(key), mesh, batch_size)
+  return lambda key: shard_batch(data_fn(key), mesh, batch_size, shared)
+
+
+def safe_in_flight(mesh: Mesh) -> int:
+  """Steps a loop may keep in flight on ``mesh`` (`loop.train`'s ``max_in_flight``).
+
+  XLA:CPU runs the devices of a forced multi-device host on one thread pool: with steps
+  of several queued, threads blocked in a later step's collective can starve the devices
+  still in an earlier one, a deadlock (seen on a 2-core machine with 8 devices; the
+  runtime aborts after 40 s). One step at a time avoids it there; elsewhere 2 keep the
+  dispatch overlapped.
+  """
+  cpu_multi = mesh.size > 1 and all(d.platform == "cpu" for d in mesh.devices.flat)
+  return 1 if cpu_multi else 2

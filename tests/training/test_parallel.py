@@ -38,7 +38,8 @@ def _run(num_devices, seed=0, steps_=NUM_STEPS):
   state = steps.create_train_state(iqt.init_params(CFG, jax.random.key(seed)), tx,
                                    jax.random.key(seed + 100))
   state = parallel.replicate(state, mesh)
-  state, history = loop.train(state, step, steps_, log_every=1)
+  state, history = loop.train(state, step, steps_, log_every=1,
+                              max_in_flight=parallel.safe_in_flight(mesh))
   return state, [h["loss"] for h in history], step
 
 
@@ -77,13 +78,18 @@ def test_eight_devices_really_split_the_batch(one_and_eight):
   assert len(leaf.sharding.device_set) == 8 and leaf.sharding.is_fully_replicated
   hlo8 = step8.lower(s8).compile().as_text()
   assert "all-reduce" in hlo8
+  assert "all-gather" not in hlo8  # the batch stays where it was generated
   s1 = parallel.replicate(s8, parallel.make_mesh(1))
   assert "all-reduce" not in step1.lower(s1).compile().as_text()
 
 
 def test_sharded_data_equals_unsharded_and_lives_split_over_devices():
   mesh = parallel.make_mesh(8)
-  data_fn = multitask.multitask_data_fn(CHANNEL, BATCH)
+  # The frame is as long as the batch: the shared pilot mask [L] must still not be split
+  # (split, every step would all-gather it back).
+  channel = ChannelConfig(modulation="qpsk", modulations=("bpsk", "qpsk"), seq_len=BATCH,
+                          num_pilots=2, num_taps=2, doppler_hz=100.0)
+  data_fn = multitask.multitask_data_fn(channel, BATCH)
   sharded = jax.jit(parallel.shard_data_fn(data_fn, mesh, BATCH))(jax.random.key(3))
   plain = jax.jit(data_fn)(jax.random.key(3))
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
@@ -102,6 +108,14 @@ def test_replicate_keeps_values_and_typed_keys():
   np.testing.assert_array_equal(jax.random.key_data(out["key"]),
                                 jax.random.key_data(tree["key"]))
   assert out["w"].sharding.is_fully_replicated and len(out["w"].sharding.device_set) == 4
+
+
+def test_multi_device_cpu_meshes_run_one_step_at_a_time():
+  # XLA:CPU can deadlock with several multi-device steps queued (parallel.safe_in_flight).
+  assert parallel.safe_in_flight(parallel.make_mesh(8)) == 1
+  assert parallel.safe_in_flight(parallel.make_mesh(1)) == 2
+  with pytest.raises(ValueError, match="max_in_flight must be None or an int >= 1"):
+    loop.train(None, None, 1, max_in_flight=0)
 
 
 def test_bad_device_counts_and_batch_sizes_are_rejected():
