@@ -21,6 +21,7 @@ from compressjax.datasets import DATASETS
 from compressjax.datasets import digits
 from compressjax.models import mobilenet_v2
 from compressjax.models import resnet
+from compressjax.training import parallel
 
 STAGES = ("teacher", "student", "distill", "lora", "int8_weights", "int8_dynamic",
           "int8_static")
@@ -177,6 +178,11 @@ def validate(config: Any) -> Setup:
          tr.batch_size, f"an int in [1, {num_train}] (the training split's size)")
   for f in ("eval_every", "log_every"):
     _check(_is_int(tr[f], 1), f"train.{f}", tr[f], "an int >= 1")
+  try:
+    devices = parallel.check_num_devices(tr.num_devices, "train.num_devices")
+    parallel.check_batch_size(tr.batch_size, devices, "train.batch_size")
+  except ValueError as e:
+    raise ValueError(f"{e} (train.num_devices={tr.num_devices})") from None
   a = config.augment
   _check(_is_int(a.padding, 0) and a.padding < shape[0], "augment.padding", a.padding,
          f"an int in [0, {shape[0]})")

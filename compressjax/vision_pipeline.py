@@ -47,6 +47,7 @@ from compressjax import training
 from compressjax import vision_config
 from compressjax import vision_train
 from compressjax.training import checkpoint
+from compressjax.training import parallel
 
 STAGES = vision_config.STAGES
 Setup = vision_config.Setup
@@ -133,20 +134,24 @@ def _train(ctx: Context, name: str, forward, params, model_state, tx, cfg, loss_
   """Trains one stage with best-on-validation selection; returns (variables, history info)."""
   c, d, setup = ctx.config, ctx.data, ctx.setup
   key = jax.random.fold_in(ctx.key, setup.stage_ids[name])
+  mesh = parallel.make_mesh(c.train.num_devices)
   step = vision_train.make_step(
       forward, tx, loss_fn, batch_size=c.train.batch_size, mean=d.mean, std=d.std,
       order_key=jax.random.fold_in(key, 1), padding=c.augment.padding,
-      flip=c.augment.flip, teacher_apply=None if teacher is None else teacher[0])
-  state = training.create_train_state(params, tx, jax.random.fold_in(key, 2), model_state)
+      flip=c.augment.flip, teacher_apply=None if teacher is None else teacher[0], mesh=mesh)
+  state = parallel.replicate(
+      training.create_train_state(params, tx, jax.random.fold_in(key, 2), model_state), mesh)
+  train_data = parallel.replicate(ctx.train, mesh)
+  teacher_vars = None if teacher is None else parallel.replicate(teacher[1], mesh)
   apply = apply or setup.student_apply
   val = lambda v: vision_train.classify(apply, v, ctx.val, c.eval.batch_size, d.mean, d.std,
                                         d.num_classes)["accuracy"]
   to_variables = to_variables or (lambda s: {"params": s.params, **s.model_state})
   variables, history, best = vision_train.fit(
-      state, step, cfg.steps, step_args=(ctx.train, None if teacher is None else teacher[1]),
+      state, step, cfg.steps, step_args=(train_data, teacher_vars),
       to_variables=to_variables, val_accuracy=val, eval_every=c.train.eval_every,
       log_every=c.train.log_every, name=f"seed {ctx.seed} {name}",
-      include_start=include_start)
+      include_start=include_start, max_in_flight=parallel.safe_in_flight(mesh))
   return variables, {"best": best, "history": history}
 
 

@@ -21,12 +21,14 @@ from absl import logging
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 import optax
 
 from compressjax import datasets
 from compressjax import training
 from compressjax.training import metrics as metrics_lib
+from compressjax.training import parallel
 
 Forward = Callable[[Any, Mapping[str, Any], chex.Array], tuple[chex.Array, Mapping[str, Any]]]
 Apply = Callable[[Mapping[str, Any], chex.Array], chex.Array]
@@ -87,7 +89,8 @@ def optimizer(name: str, learning_rate: float, steps: int, warmup_steps: int = 0
 
 def make_step(forward: Forward, tx: optax.GradientTransformation, loss_fn: LossFn, *,
               batch_size: int, mean: Any, std: Any, order_key: chex.PRNGKey, padding: int = 4,
-              flip: bool = True, teacher_apply: Apply | None = None):
+              flip: bool = True, teacher_apply: Apply | None = None,
+              mesh: Mesh | None = None):
   """Builds ``step(state, data, teacher_variables) -> (state, metrics)``, jitted.
 
   Args:
@@ -102,6 +105,9 @@ def make_step(forward: Forward, tx: optax.GradientTransformation, loss_fn: LossF
     flip: random horizontal flips.
     teacher_apply: the teacher's inference apply; its logits, under ``stop_gradient``, go to
       ``loss_fn`` (``teacher_variables`` from the call; None without a teacher).
+    mesh: data parallelism: each step's batch is split over this mesh (batch norm then
+      normalizes over the whole batch, across devices) and the state is kept replicated;
+      pass the state, data and teacher variables through `parallel.replicate`.
 
   Returns:
     The jitted step, the state donated. Metrics: ``loss`` and the batch ``accuracy``.
@@ -114,6 +120,8 @@ def make_step(forward: Forward, tx: optax.GradientTransformation, loss_fn: LossF
     if padding or flip:
       images = datasets.augment_batch(aug_key, images, padding, flip)
     x = datasets.normalize(images, mean, std)
+    if mesh is not None:
+      x, labels = parallel.shard_batch((x, labels), mesh, batch_size, shared=lambda p: False)
     teacher_logits = None
     if teacher_apply is not None:
       teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_variables, x))
@@ -128,6 +136,8 @@ def make_step(forward: Forward, tx: optax.GradientTransformation, loss_fn: LossF
     params = optax.apply_updates(state.params, updates)
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
     new = training.TrainState(state.step + 1, params, opt_state, key, dict(model_state))
+    if mesh is not None:
+      new = jax.lax.with_sharding_constraint(new, parallel.replicated(mesh))
     return new, {"loss": loss, "accuracy": acc}
 
   return jax.jit(step, donate_argnums=(0,))
@@ -167,7 +177,7 @@ def predict(apply: Apply, variables: Mapping[str, Any], data: datasets.DeviceDat
 def fit(state: training.TrainState, step_fn: Callable[..., Any], steps: int, *,
         step_args: tuple[Any, ...], to_variables: Callable[[training.TrainState], Any],
         val_accuracy: Callable[[Any], float], eval_every: int, log_every: int,
-        name: str, include_start: bool = False
+        name: str, include_start: bool = False, max_in_flight: int | None = 2
         ) -> tuple[Any, list[dict[str, float]], dict[str, float]]:
   """Trains ``steps`` steps, evaluating on validation every ``eval_every``; keeps the best.
 
@@ -185,6 +195,7 @@ def fit(state: training.TrainState, step_fn: Callable[..., Any], steps: int, *,
     name: label of the progress lines.
     include_start: the model before the first step is a candidate too (for fine-tuning: the
       stage then never ends worse on validation than it began).
+    max_in_flight: steps queued ahead at most (`parallel.safe_in_flight` of the mesh).
 
   Returns:
     ``(best_variables, history, best)``: host arrays of the best model, the train log plus one
@@ -211,7 +222,7 @@ def fit(state: training.TrainState, step_fn: Callable[..., Any], steps: int, *,
     n = min(eval_every, steps - done)
     state, log = training.train(state, step_fn, n, log_every=min(log_every, n),
                                 step_args=step_args, name=f"{name} @{done}",
-                                show=("loss", "accuracy"))
+                                show=("loss", "accuracy"), max_in_flight=max_in_flight)
     history += log
     done += n
     if not np.isfinite(log[-1]["loss"]):

@@ -54,6 +54,7 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
       batch_size=128 if full else (16 if tiny else 64),
       eval_every=1000 if full else (20 if tiny else 50),  # steps between validations
       log_every=200 if full else (20 if tiny else 25),
+      num_devices=0,  # data parallelism over this many devices (0 = every device JAX sees)
   ))
   # Steps per epoch: 45,000 / 128 = 351 on CIFAR; 1,257 / 64 = 19 on digits.
   # Teacher: ResNet-18, CIFAR variant; width 64 is the published model (11.2M parameters).

@@ -182,6 +182,8 @@ def test_rerun_restores_finished_stages(study, monkeypatch):
     ("teacher.optimizer", "rmsprop"),
     ("student.learning_rate", -1e-3),
     ("train.batch_size", 10 ** 6),
+    ("train.batch_size", 12),       # not a multiple of the tests' 8 devices
+    ("train.num_devices", 9),
     ("image_size", 12),
     ("quantize.modes", ("weights", "int4")),
     ("quantize.bits", 1),
