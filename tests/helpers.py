@@ -8,6 +8,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from compressjax import channels
@@ -59,3 +60,30 @@ def accuracy(apply_fn, params, x, labels) -> float:
   """Top-1 accuracy of ``apply_fn(params, x)`` against ``labels``."""
   logits = jax.jit(apply_fn)(params, x)
   return float(jnp.mean(jnp.argmax(logits, -1) == labels))
+
+
+def set_fields(config, override: dict) -> None:
+  """Sets dotted fields of an ``ml_collections`` config: ``{"train.steps": 0}``."""
+  for key, value in override.items():
+    obj = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      obj = obj[p]
+    obj[leaf] = value
+
+
+def is_key_bias(path) -> bool:
+  """Whether a key path is an attention key bias.
+
+  Softmax is invariant to a constant added to every logit of a query, so the key bias has
+  an exactly-zero gradient; Adam normalizes its rounding noise into +-lr steps, and those
+  differ between any two reduction orders (devices, vmap). Comparisons across orders skip it.
+  """
+  return "'key']['bias'" in jax.tree_util.keystr(path)
+
+
+def assert_params_close(got, want, rtol: float, atol: float) -> None:
+  """Every leaf but the attention key bias (`is_key_bias`) agrees to the tolerance."""
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    if not is_key_bias(path):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)

@@ -13,6 +13,7 @@ from compressjax import pipelines
 from compressjax import quantization
 from compressjax.training import checkpoint
 from experiments import sweep
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("accuracy", "f1", "precision", "recall", "confusion", "ser_mean", "ber_mean",
@@ -115,12 +116,7 @@ def test_rerun_skips_finished_stages(run):
 ])
 def test_bad_config_is_rejected_naming_the_field(override, message):
   c = _config()
-  for key, value in override.items():
-    obj = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      obj = obj[p]
-    obj[leaf] = value
+  helpers.set_fields(c, override)
   with pytest.raises(ValueError, match=message):
     pipelines.validate(c)
 

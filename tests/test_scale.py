@@ -20,6 +20,7 @@ from compressjax import pipelines
 from compressjax.models import iq_transformer
 from compressjax.training import checkpoint
 from experiments import sweep
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,15 +41,6 @@ def _params(workdir, seed, stage, config):
   return jax.device_get(checkpoint.restore(path, target))
 
 
-def _assert_close(got, want):
-  # The attention key bias has an exactly-zero gradient (softmax is shift-invariant), so
-  # Adam turns its rounding noise into +-lr steps: it is the one leaf that differs between
-  # two reduction orders. Everything else agrees to float tolerance.
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    if "'key']['bias'" not in jax.tree_util.keystr(path):
-      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
-
-
 @pytest.mark.slow
 def test_a_vmapped_seed_sweep_equals_the_seeds_run_one_by_one(tmp_path):
   seeds = (0, 1)  # tests/training/test_parallel.py compares 3 seeds step by step
@@ -62,7 +54,8 @@ def test_a_vmapped_seed_sweep_equals_the_seeds_run_one_by_one(tmp_path):
   assert set(seq) == set(vm) and len(seq) == 2 * len(seeds)
   for s in seeds:
     for stage in ("teacher", os.path.join("P", "1_prune")):
-      _assert_close(_params(w_vmap, s, stage, c), _params(w_seq, s, stage, c))
+      helpers.assert_params_close(_params(w_vmap, s, stage, c), _params(w_seq, s, stage, c),
+                                  rtol=1e-3, atol=1e-5)
     for name in ("teacher", "P/1_prune"):
       assert vm[(s, name)]["nonfinite_steps"] == 0
       assert abs(vm[(s, name)]["accuracy"] - seq[(s, name)]["accuracy"]) <= 0.02
@@ -154,12 +147,7 @@ def test_a_diverging_run_stops_with_a_clear_message_and_writes_no_weights(tmp_pa
 ])
 def test_more_bad_configs_are_rejected_before_any_work(override, message):
   c = _config({"PQK": "prune,quantize,distill"})
-  for key, value in override.items():
-    obj = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      obj = obj[p]
-    obj[leaf] = value
+  helpers.set_fields(c, override)
   with pytest.raises(ValueError, match=message):
     pipelines.validate(c)
 

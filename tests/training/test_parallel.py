@@ -15,6 +15,7 @@ from compressjax.training import loop
 from compressjax.training import multitask
 from compressjax.training import parallel
 from compressjax.training import steps
+from tests import helpers
 
 CHANNEL = ChannelConfig(modulation="qpsk", modulations=("bpsk", "qpsk", "psk8"), seq_len=8,
                         num_pilots=2, num_taps=2, doppler_hz=100.0)
@@ -56,18 +57,11 @@ def test_one_and_eight_devices_give_the_same_loss_trajectory(one_and_eight):
 
 
 def _assert_params_close(got, want):
-  """Params agree to float tolerance, except the attention key bias.
-
-  Softmax is invariant to adding a constant to every logit of a query, so the key bias
-  has an exactly-zero gradient; Adam normalizes its rounding noise into +-lr steps, and
-  those differ between any two reduction orders. It is checked to have stayed tiny.
-  """
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    a, b = np.asarray(a), np.asarray(b)
-    if "'key']['bias'" in jax.tree_util.keystr(path):
-      assert np.max(np.abs(a)) < NUM_STEPS * 3e-3 + 1e-6
-    else:
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  """Params agree to float tolerance; the key bias (`helpers.is_key_bias`) stayed tiny."""
+  helpers.assert_params_close(got, want, rtol=1e-4, atol=1e-6)
+  for path, a in jax.tree_util.tree_leaves_with_path(got):
+    if helpers.is_key_bias(path):
+      assert np.max(np.abs(np.asarray(a))) < NUM_STEPS * 3e-3 + 1e-6
 
 
 def test_eight_devices_really_split_the_batch(one_and_eight):
