@@ -10,6 +10,7 @@ embeddings.
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 Where = Callable[[str], bool]
 
@@ -67,3 +68,21 @@ def check_selects_something(params: Any, where: Where | None, name: str) -> None
     shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
     raise ValueError(
         f"{name}: `where` selects no parameter; the tree has paths [{shown}]")
+
+
+def check_floating(params: Any, flags: Any, name: str) -> None:
+  """Raises ``ValueError`` naming ``name`` and the leaf if a selected leaf is not floating.
+
+  Transforms that move weights (pruning, quantization) cannot act on integer or bool leaves:
+  a gradient step or a grid has no meaning there, so selecting one is a mistake in ``where``.
+
+  Args:
+    params: a parameter pytree.
+    flags: a pytree of bools with the structure of ``params`` (from `select`).
+    name: the transform, for the message (e.g. ``"pruning.wrap"``).
+  """
+  for (path, x), on in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(flags)):
+    dtype = jnp.result_type(x)
+    if on and not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"{name}: selected leaf {path_str(path)} must be floating (float16, "
+                       f"bfloat16, float32 or float64), got {dtype}")

@@ -25,3 +25,13 @@ def test_custom_predicate_sees_full_path():
 def test_selecting_nothing_is_an_error_naming_the_transform():
   with pytest.raises(ValueError, match="pruning.wrap: `where` selects no parameter"):
     selection.check_selects_something(_params(), lambda p: False, "pruning.wrap")
+
+
+def test_check_floating_names_the_transform_the_leaf_and_its_dtype():
+  params = {**_params(), "count": {"kernel": jnp.zeros((2, 2), jnp.int32)}}
+  selection.check_floating(params, selection.select(params, lambda p: p != "count/kernel"), "t")
+  for dtype in (jnp.int32, jnp.bool_, jnp.uint8):
+    params["count"]["kernel"] = jnp.zeros((2, 2), dtype)
+    with pytest.raises(ValueError, match=f"t: selected leaf count/kernel must be floating .* "
+                                         f"got {jnp.dtype(dtype).name}"):
+      selection.check_floating(params, selection.select(params), "t")

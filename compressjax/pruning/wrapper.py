@@ -178,7 +178,13 @@ def wrap(inner: optax.GradientTransformation,
     ``update`` needs ``params``.
 
   Raises:
-    ValueError: for a bad argument, naming it, its value and what is allowed.
+    ValueError: for a bad argument, naming it, its value and what is allowed; at
+      ``init``, for a ``where`` that selects nothing or selects a non-floating leaf.
+
+  Non-finite gradients are not filtered: a NaN or Inf gradient reaches the kept
+  weights (pruned ones stay exactly 0) and, at a prune step, the scores and masks.
+  Wrap the whole stack to skip such updates:
+  ``optax.apply_if_finite(pruning.wrap(...), max_consecutive_errors=20)``.
   """
   struct = structures.parse(structure)
   score_fn = scores_lib.get_score(score)
@@ -222,6 +228,9 @@ def wrap(inner: optax.GradientTransformation,
   def init_fn(params):
     pl = _make_plan(params, pick, struct.kind, head_axis_of)
     _check_plan(pl, params, where, struct, structure)
+    scored = set(pl.scored)
+    selection.check_floating(params, jax.tree.unflatten(
+        pl.treedef, [i in scored for i in range(len(pl.paths))]), "pruning.wrap")
     _final_sparsities(pl, sparsity, struct.kind)
     leaves = jax.tree.leaves(params)
     # Fresh buffers (never aliases of params), so callers may donate params.

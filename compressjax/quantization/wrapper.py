@@ -37,14 +37,10 @@ def select_leaves(params: Any, spec: quantizers.Spec, where: Where | None, name:
   """
   selection.check_selects_something(params, where, name)
   flags = selection.select(params, where)
-
-  def check(path, x, on):
+  selection.check_floating(params, flags, name)
+  for (path, x), on in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(flags)):
     if on:
-      path = selection.path_str(path)
-      if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise ValueError(f"{name}: selected leaf {path} must be floating, got {x.dtype}")
-      spec.check(jnp.ndim(x), path)
-  jax.tree_util.tree_map_with_path(check, params, flags)
+      spec.check(jnp.ndim(x), selection.path_str(path))
   return flags
 
 
@@ -126,6 +122,10 @@ def wrap(inner: optax.GradientTransformation, spec: quantizers.Spec | int,
     whose negative entries are all small; under a non-magnitude score, any entry),
     ``fake_quant(params)`` finds a narrower grid until the next update.
 
+  Non-finite gradients are not filtered: a NaN or Inf gradient reaches the latent weights,
+  their grid and so the params. Wrap the whole stack to skip such updates:
+  ``optax.apply_if_finite(quantization.wrap(...), max_consecutive_errors=20)``.
+
   Args:
     inner: the optimizer for the latent weights.
     spec: a `Spec`, or a bit width for a symmetric per-tensor one.
@@ -133,6 +133,10 @@ def wrap(inner: optax.GradientTransformation, spec: quantizers.Spec | int,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
+
+  Raises:
+    ValueError: at ``init``, if ``where`` selects nothing, selects a non-floating leaf, or
+      ``spec.axis`` is out of range for a selected leaf.
   """
   spec = quantizers.as_spec(spec)
   inner = optax.with_extra_args_support(inner)

@@ -200,3 +200,29 @@ def test_every_registered_score_prunes_exactly_under_both_scopes(score):
   sizes = [p["kernel"].size for p in params.values()]
   assert [_zeros(p["kernel"]) for p in layer.values()] == [round(0.7 * n) for n in sizes]
   assert sum(_zeros(p["kernel"]) for p in glob.values()) == round(0.7 * sum(sizes))
+
+
+def test_non_floating_selected_leaf_is_rejected_at_init():
+  params = {"Dense_0": {"kernel": jnp.ones((4, 4), jnp.int32), "bias": jnp.ones((4,))}}
+  with pytest.raises(ValueError, match=r"pruning.wrap: selected leaf Dense_0/kernel must be "
+                                       r"floating .* got int32"):
+    pruning.wrap(optax.sgd(0.1), 0.5).init(params)
+  with pytest.raises(ValueError, match=r"selected leaf step must be floating"):
+    pruning.wrap(optax.sgd(0.1), 0.5, where=lambda p: True).init(
+        {**_params(), "step": jnp.zeros((2, 2), jnp.int32)})
+  pruning.wrap(optax.sgd(0.1), 0.5).init(  # an unselected int leaf is fine
+      {**_params(), "step": jnp.zeros((2, 2), jnp.int32)})
+
+
+def test_nan_gradients_reach_weights_unless_apply_if_finite():
+  """The wrapper's docstring: NaN gradients are not filtered; apply_if_finite skips them."""
+  params = _params()
+  grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+  tx = pruning.wrap(optax.sgd(0.1), 0.5)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert np.isnan(np.asarray(optax.apply_updates(params, updates)["Dense_0"]["kernel"])).any()
+  tx = optax.apply_if_finite(pruning.wrap(optax.sgd(0.1), 0.5), max_consecutive_errors=5)
+  updates, state = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  jax.tree.map(np.testing.assert_array_equal, new, params)
+  assert int(state.notfinite_count) == 1

@@ -118,3 +118,22 @@ def test_bad_input_raises_at_init_or_update():
     tx.update(params, tx.init(params))
   with pytest.raises(ValueError, match="bits must be"):
     q.wrap(optax.sgd(0.1), 33)
+
+
+def test_int32_selected_leaf_is_rejected_naming_it():
+  params = {"Dense_0": {"kernel": jnp.ones((4, 4), jnp.int32)}}
+  with pytest.raises(ValueError, match=r"quantization.wrap: selected leaf Dense_0/kernel must "
+                                       r"be floating .* got int32"):
+    q.wrap(optax.sgd(0.1), 8).init(params)
+
+
+def test_nan_gradients_reach_weights_unless_apply_if_finite():
+  """The wrapper's docstring: NaN gradients are not filtered; apply_if_finite skips them."""
+  params = _params()
+  grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+  tx = q.wrap(optax.sgd(0.1), 8)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert np.isnan(np.asarray(optax.apply_updates(params, updates)["Dense_0"]["kernel"])).all()
+  tx = optax.apply_if_finite(q.wrap(optax.sgd(0.1), 8), max_consecutive_errors=5)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, optax.apply_updates(params, updates), params)
