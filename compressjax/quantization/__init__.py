@@ -16,6 +16,7 @@ from compressjax.quantization.export import Packed
 from compressjax.quantization.export import PackedTensor
 from compressjax.quantization.export import SparseTensor
 from compressjax.quantization.export import cast
+from compressjax.quantization.export import detect_spec
 from compressjax.quantization.export import export
 from compressjax.quantization.export import header_bytes
 from compressjax.quantization.export import load

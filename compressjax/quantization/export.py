@@ -62,9 +62,15 @@ class SparseTensor(NamedTuple):
 
 
 class Packed(NamedTuple):
-  """An exported parameter tree: `PackedTensor` for quantized leaves, `SparseTensor` for
-  float leaves with enough zeros, numpy arrays otherwise."""
+  """An exported parameter tree and the spec it was made with.
+
+  Attributes:
+    tree: `PackedTensor` for quantized leaves, `SparseTensor` for float leaves with enough
+      zeros, numpy arrays otherwise.
+    spec: the `Spec` of the quantized leaves, or None for a float export.
+  """
   tree: Any
+  spec: quantizers.Spec | None = None
 
 
 def _is_packed(x) -> bool:
@@ -130,8 +136,94 @@ def _codes(x, spec: quantizers.Spec):
   return quantizers.to_codes(x, spec, grid), grid
 
 
-def _pack_leaf(x, spec: quantizers.Spec) -> PackedTensor:
+# A value "stays" under re-quantization if it moves by at most this many float32 ulps: QAT
+# can leave an entry one ulp off its grid point (see `wrapper.exact_delta`), and a scale
+# re-derived for another bit width moves range ends by a few ulps; a real re-grid moves
+# values by a good fraction of a step, thousands of ulps.
+_STAY_ULPS = 16
+_SCREEN_SAMPLES = 512
+
+
+def _stays(x: np.ndarray, y: np.ndarray) -> bool:
+  x = x.astype(np.float32)
+  return bool(np.all(np.abs(y.astype(np.float32) - x) <= _STAY_ULPS * np.spacing(np.abs(x))))
+
+
+def _candidate_groupings(shape: tuple[int, ...]):
+  """(granularity, axis) pairs worth testing: per tensor, then per channel of each axis
+  (last first) whose channels hold at least two values."""
+  yield "tensor", -1
+  n = int(np.prod(shape))
+  for ax in range(len(shape) - 1, -1, -1):
+    if shape[ax] > 1 and n // shape[ax] >= 2:
+      yield "channel", ax - len(shape)
+
+
+def detect_spec(x: Any) -> quantizers.Spec | None:
+  """The `Spec` (fewest bits first) whose min/max grid already holds ``x``, or None.
+
+  Weights from QAT (`wrap`) or `ptq` sit on such a grid, with their range ends on the end
+  codes. Each (granularity, axis, symmetric, bits) is screened on up to 512 sampled values
+  (are ``x / step`` integers, to a tolerance?) and a candidate that passes is confirmed on
+  the whole tensor with `quantizers.quantize` (every value moves by at most 16 ulps).
+
+  Args:
+    x: an array; only float32/float64 arrays with at least two values are examined (float16
+      and bfloat16 round a grid too coarsely to tell it apart).
+
+  Returns:
+    The first matching `Spec` (fewest bits first, then per tensor before per channel, then
+    symmetric before asymmetric; a channel axis counted from the end, e.g. -1), or None.
+  """
+  a = np.asarray(x)
+  if a.dtype not in (np.float32, np.float64) or a.size < 2 or not np.all(np.isfinite(a)):
+    return None
+  a64 = a.astype(np.float64)
+  pick = np.unique(np.linspace(0, a.size - 1, min(a.size, _SCREEN_SAMPLES)).astype(np.int64))
+  xs = a64.ravel()[pick]
+  bits = np.arange(2, 17)
+  passed = []  # (bits, grouping rank, asymmetric, spec) of the candidates the screen keeps
+  for rank, (granularity, axis) in enumerate(_candidate_groupings(a.shape)):
+    axes = quantizers.reduce_axes(a.ndim, quantizers.Spec(8, True, granularity, axis))
+    lo = np.minimum(np.min(a64, axes, keepdims=True), 0.0)
+    hi = np.maximum(np.max(a64, axes, keepdims=True), 0.0)
+    lo = np.broadcast_to(lo, a.shape).ravel()[pick]
+    hi = np.broadcast_to(hi, a.shape).ravel()[pick]
+    for symmetric in (True, False):
+      qmax = (2.0 ** (bits - 1) - 1) if symmetric else (2.0 ** bits - 1)
+      span = np.maximum(-lo, hi) if symmetric else hi - lo
+      base = xs if symmetric else xs - lo
+      frac = np.divide(base, span, out=np.zeros_like(base), where=span > 0)
+      r = frac[None, :] * qmax[:, None]
+      tol = 1e-3 + qmax * 2.0 ** -19  # float32 steps and the 20-bit scale rounding
+      for b in bits[np.all(np.abs(r - np.round(r)) <= tol[:, None], axis=1)]:
+        passed.append((int(b), rank, not symmetric,
+                       quantizers.Spec(int(b), symmetric, granularity, axis)))
+  # Fewest levels first: a coarse grid can lie inside a finer one (4-bit asymmetric inside
+  # 8-bit asymmetric, as 255 = 15 * 17), and the coarse one is how the weights were made.
+  for *_, spec in sorted(passed, key=lambda c: c[:3]):
+    if _stays(a, np.asarray(quantizers.quantize(a, spec))):
+      return spec
+  return None
+
+
+def _check_not_regridded(path: str, x: Any, values: np.ndarray, spec: quantizers.Spec) -> None:
+  """Raises if export moves ``x`` (dequantized ``values``) off the grid it already sits on."""
+  a = np.asarray(x)
+  if a.dtype not in (np.float32, np.float64) or _stays(a, values):
+    return
+  found = detect_spec(a)
+  if found is not None:
+    raise ValueError(
+        f"export: leaf {path} is already on the grid of {found}, and export with spec={spec} "
+        f"would re-quantize it (moving its values); export with spec={found}, the spec it was "
+        f"trained or calibrated with, or pass regrid=True to re-quantize on purpose")
+
+
+def _pack_leaf(x, spec: quantizers.Spec, path: str = "", regrid: bool = True) -> PackedTensor:
   codes, grid = _codes(x, spec)
+  if not regrid:
+    _check_not_regridded(path, x, np.asarray(quantizers.from_codes(codes, grid)), spec)
   codes = np.asarray(codes).astype(np.int64)
   shape = tuple(np.shape(x))
   axis = None if spec.granularity == "tensor" else spec.axis % len(shape)
@@ -164,36 +256,46 @@ def _store_float(x) -> "np.ndarray | SparseTensor":
 
 
 def export(params: Any, spec: quantizers.Spec | int | None = 8,
-           where: Where | None = None) -> Packed:
+           where: Where | None = None, regrid: bool = False) -> Packed:
   """Packs the leaves ``where`` selects as ``spec``-bit codes on their min/max grid.
 
   Each selected tensor is stored dense, or as a bitmask of non-zeros plus the non-zero codes
   when that is smaller (about ``1/8 + density * bits/8`` bytes per value). The other float
   leaves (and every leaf when ``spec`` is None: the float baseline of a pruned model) are
   stored as they are, or as a `SparseTensor` (bitmask + non-zero values) when that is smaller.
-  Export the params of QAT (`wrap`) or `ptq` with the same spec: they are on this grid already,
-  so nothing moves.
+
+  One grid: export the params of QAT (`wrap`) or `ptq` with the spec they were made with; they
+  are on its grid already, so nothing moves. Float weights on no grid are quantized here
+  (post-training quantization at export). Weights already on the grid of another spec (found
+  by `detect_spec`, float32/float64 leaves) are never silently re-quantized: export raises,
+  naming the leaf and the spec it is on, unless ``regrid=True`` asks for it.
 
   Args:
     params: a parameter pytree (finite values).
     spec: a `Spec`; a bit width for a symmetric per-tensor one; None to store floats.
     where: predicate on the parameter path (default: Dense/Conv kernels).
+    regrid: allow moving selected leaves that are already on another spec's grid onto
+      ``spec``'s grid (lossy); default False raises instead.
 
   Returns:
-    A `Packed` tree; `load` gives back ``fake_quant`` of the selected leaves, exactly, and the
-    other leaves unchanged.
+    A `Packed` tree carrying ``spec``; `load` gives back ``fake_quant`` of the selected leaves,
+    exactly, and the other leaves unchanged.
 
   Raises:
-    ValueError: if a leaf is not finite (naming its path), ``where`` selects nothing, or the
-      spec does not fit a selected leaf.
+    ValueError: if a leaf is not finite (naming its path), ``where`` selects nothing, the
+      spec does not fit a selected leaf, or (``regrid=False``) a selected leaf is already on
+      the grid of another spec.
   """
   _check_finite(params)
   if spec is None:
     return Packed(jax.tree.map(_store_float, params))
   spec = quantizers.as_spec(spec)
+  if not isinstance(regrid, bool):
+    raise ValueError(f"regrid must be True or False, got {regrid!r}")
   flags = wrapper.select_leaves(params, spec, where, "export")
-  return Packed(jax.tree.map(lambda x, on: _pack_leaf(x, spec) if on else _store_float(x),
-                             params, flags))
+  return Packed(jax.tree_util.tree_map_with_path(
+      lambda path, x, on: _pack_leaf(x, spec, selection.path_str(path), regrid) if on
+      else _store_float(x), params, flags), spec)
 
 
 def _unpack_leaf(t: "PackedTensor | SparseTensor") -> np.ndarray:

@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from compressjax import pruning
 from compressjax import quantization as q
 
 
@@ -137,3 +139,76 @@ def test_bad_bits_and_indices_raise():
     q.export(_tree(8, ((4, 4),)), q.Spec(8, True, "channel", -3))
   with pytest.raises(ValueError, match="dtype must be a floating dtype"):
     q.cast(_tree(8, ((4, 4),)), jnp.int8)
+
+
+def _qat(spec, steps=3, prune=None, seed=10):
+  """Params after a few QAT steps of ``spec`` (optionally with pruning inside)."""
+  rng = np.random.default_rng(seed)
+  params = {"Dense_0": {"kernel": jnp.asarray(rng.standard_normal((32, 16))
+                                              * np.linspace(0.1, 2.0, 16), jnp.float32),
+                        "bias": jnp.zeros(16)}}
+  inner = optax.sgd(0.01)
+  if prune is not None:
+    inner = pruning.wrap(inner, prune)
+  tx = q.wrap(inner, spec)
+  state = tx.init(params)
+  for _ in range(steps):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
+                         params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def test_packed_carries_its_spec():
+  params = _tree(11, ((16, 8),))
+  assert q.export(params, q.Spec(4, False, "channel")).spec == q.Spec(4, False, "channel")
+  assert q.export(params, 8).spec == q.Spec(8)
+  assert q.export(params, None).spec is None
+
+
+def test_export_never_regrids_per_channel_qat_weights_silently():
+  spec = q.Spec(8, True, "channel")
+  params = _qat(spec)
+  with pytest.raises(ValueError, match=r"leaf Dense_0/kernel is already on the grid of "
+                                       r"Spec\(bits=8, symmetric=True, granularity='channel', "
+                                       r"axis=-1\).*regrid=True"):
+    q.export(params)  # the per-tensor default
+  with pytest.raises(ValueError, match="already on the grid"):
+    q.export(params, q.Spec(4, True, "channel"))
+  k = np.asarray(params["Dense_0"]["kernel"])
+  back = q.load(q.export(params, spec))
+  np.testing.assert_array_equal(back["Dense_0"]["kernel"], k)  # round-trip error 0
+  lossy = q.load(q.export(params, 8, regrid=True))["Dense_0"]["kernel"]
+  assert np.abs(lossy - k).max() > 1e-3  # what the check prevents: a real re-grid
+
+
+def test_pruned_qat_weights_export_with_their_spec_exactly():
+  spec = q.Spec(4, False, "channel")
+  params = _qat(spec, prune=0.5)
+  k = np.asarray(params["Dense_0"]["kernel"])
+  assert np.mean(k == 0) >= 0.5
+  np.testing.assert_array_equal(q.load(q.export(params, spec))["Dense_0"]["kernel"], k)
+  with pytest.raises(ValueError, match="already on the grid"):
+    q.export(params, q.Spec(4, False))
+
+
+@pytest.mark.parametrize("spec", [
+    q.Spec(2), q.Spec(4), q.Spec(8, False), q.Spec(4, False, "channel"),
+    q.Spec(8, True, "channel", -2), q.Spec(12, True, "channel"), q.Spec(16, False)], ids=str)
+def test_detect_spec_finds_the_grid_of_quantized_weights(spec):
+  x = _sparse(12, (24, 20), 0.7)
+  got = q.detect_spec(q.quantize(jnp.asarray(x), spec))
+  assert got == spec
+  assert q.detect_spec(x) is None  # float weights are on no grid
+  assert q.detect_spec(q.quantize(jnp.asarray(x, jnp.bfloat16), spec)) is None  # too coarse
+
+
+def test_float_weights_are_quantized_by_export_without_complaint():
+  params = _tree(13, ((64, 32),))
+  k = params["Dense_0"]["kernel"]
+  for spec in (q.Spec(8), q.Spec(4, False, "channel")):
+    np.testing.assert_array_equal(q.load(q.export(params, spec))["Dense_0"]["kernel"],
+                                  np.asarray(q.fake_quant(k, spec)))
+  with pytest.raises(ValueError, match="regrid must be True or False"):
+    q.export(params, 8, regrid="yes")
