@@ -1,5 +1,6 @@
 """Quantization: fake quantization with straight-through gradients, a QAT optax wrapper,
-activation quantization, post-training quantization and a packed export with exact sizes."""
+activation quantization, post-training quantization, a packed export with exact sizes and its
+files (`save`, `load_file`)."""
 
 from compressjax.quantization.activations import LAYER_TYPES
 from compressjax.quantization.activations import layer_path
@@ -23,6 +24,8 @@ from compressjax.quantization.export import load
 from compressjax.quantization.export import nbytes
 from compressjax.quantization.export import pack_bits
 from compressjax.quantization.export import unpack_bits
+from compressjax.quantization.files import load_file
+from compressjax.quantization.files import save
 from compressjax.quantization.quantizers import GRANULARITIES
 from compressjax.quantization.quantizers import Grid
 from compressjax.quantization.quantizers import LSQ
