@@ -13,6 +13,10 @@ from compressjax.channels.constellations import is_square_qam
 from compressjax.channels.constellations import modulate
 from compressjax.channels.constellations import order
 from compressjax.channels import theory
+from compressjax.channels.batched import RECEIVERS
+from compressjax.channels.batched import complex_to_iq
+from compressjax.channels.batched import iq_to_complex
+from compressjax.channels.batched import run_batch
 from compressjax.channels.receivers import ReceiverOutput
 from compressjax.channels.receivers import channel_matrix
 from compressjax.channels.receivers import convolution_matrix
