@@ -57,12 +57,17 @@ class ChannelConfig:
     num_pilots: P, length of the known QPSK preamble (`pilot_symbols`) of the "symbols"
       and "channel" tasks; 0 <= P < L.
     profile: power-delay profile, one of `fading.PROFILES`: "awgn" (one unit tap, no
-      fading), "flat" (one fading tap), "exponential" (sampled exponential PDP with RMS
-      spread ``delay_spread_ns``), "inf_los" (3GPP TR 38.901 indoor factory LOS; fixes its
-      own K-factor and delay spread, so ``k_factor_db`` and ``delay_spread_ns`` are
-      ignored, see `fading.inf_los_delay_spread_ns`).
+      fading; ignores ``k_factor_db``, ``delay_spread_ns`` and ``doppler_hz``), "flat" (one
+      fading tap, Rician with K = ``k_factor_db``: 10 dB by default, pass
+      ``k_factor_db=-inf`` for Rayleigh; ignores ``delay_spread_ns``), "exponential"
+      (sampled exponential PDP with RMS spread ``delay_spread_ns``), "inf_los" (3GPP TR
+      38.901 indoor factory LOS; fixes its own K-factor and delay spread, so
+      ``k_factor_db`` and ``delay_spread_ns`` are ignored, see
+      `fading.inf_los_delay_spread_ns`). Setting a field the profile ignores to a value
+      other than its default and the profile's own warns (``UserWarning``).
     k_factor_db: Rician K-factor in dB: LOS power over total scattered power, the LOS on
-      the first tap (3GPP TR 38.901 definition); ``-inf`` is Rayleigh.
+      the first tap (3GPP TR 38.901 definition); ``-inf`` is Rayleigh. The default 10 dB
+      applies to "flat" and "exponential".
     delay_spread_ns: RMS delay spread of the scattered power, >= 0 (0 gives one tap).
     sample_rate_hz: symbol rate; the taps are spaced 1 / sample_rate_hz apart.
     num_taps: T; ``None`` derives it from the profile (tail < 1e-3, at most 16). An
@@ -137,6 +142,21 @@ class ChannelConfig:
                        f"got {snr!r}")
     if self.snr_type not in SNR_TYPES:
       raise ValueError(f"snr_type must be one of {SNR_TYPES}, got {self.snr_type!r}")
+    # A field the profile ignores, set away from its default and from the value the profile
+    # uses, would silently not act: say so (a warning, since configs shared across profiles
+    # set such fields on purpose).
+    import warnings  # pylint: disable=g-import-not-at-top
+    ignored = {"awgn": ("k_factor_db", "delay_spread_ns", "doppler_hz"),
+               "flat": ("delay_spread_ns",),
+               "inf_los": ("k_factor_db", "delay_spread_ns")}.get(self.profile, ())
+    in_force = {"k_factor_db": self.effective_k_factor_db,
+                "delay_spread_ns": self.effective_delay_spread_ns, "doppler_hz": 0.0}
+    for name in ignored:
+      value, default = getattr(self, name), self.__dataclass_fields__[name].default
+      if value != default and value != in_force[name]:
+        warnings.warn(f"ChannelConfig: profile {self.profile!r} ignores {name} (it uses "
+                      f"{in_force[name]:g}), got {name}={value!r}; leave it at its default "
+                      f"{default!r} or pick a profile that uses it", UserWarning, stacklevel=3)
 
   @property
   def snr_range(self) -> tuple[float, float]:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import warnings
 
 import jax
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 from compressjax import channels
 from compressjax.channels import config as config_lib
 from compressjax.channels import fading
+
+ChannelConfig = channels.ChannelConfig
 
 
 def test_default_config_is_valid_hashable_and_static():
@@ -106,3 +109,40 @@ def test_time_varying_flag():
   cfg = dataclasses.replace(channels.ChannelConfig(), doppler_hz=200.0, sample_rate_hz=1e5)
   assert cfg.doppler_norm == pytest.approx(2e-3)
   assert config_lib.SNR_TYPES == ("es_n0", "eb_n0")
+
+
+@pytest.mark.parametrize("profile, fields", [
+    ("inf_los", {"k_factor_db": 3.0}), ("inf_los", {"delay_spread_ns": 20.0}),
+    ("awgn", {"k_factor_db": 0.0}), ("awgn", {"delay_spread_ns": 10.0}),
+    ("awgn", {"doppler_hz": 100.0}), ("flat", {"delay_spread_ns": 10.0})])
+def test_a_field_the_profile_ignores_warns_naming_field_and_profile(profile, fields):
+  (name, value), = fields.items()
+  with pytest.warns(UserWarning, match=f"profile '{profile}' ignores {name} .* got "
+                                       f"{name}={value!r}"):
+    ChannelConfig(profile=profile, **fields)
+
+
+@pytest.mark.parametrize("fields", [
+    {"profile": "inf_los"}, {"profile": "inf_los", "k_factor_db": 7.0},  # its own K
+    {"profile": "flat", "k_factor_db": -math.inf, "doppler_hz": 100.0},
+    {"profile": "flat", "delay_spread_ns": 0.0}, {"profile": "awgn"},
+    {"profile": "exponential", "k_factor_db": 3.0, "delay_spread_ns": 20.0}])
+def test_fields_in_use_or_at_their_default_do_not_warn(fields):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ChannelConfig(**fields)
+
+
+def test_flat_profile_is_rician_with_k_10_db_unless_set():
+  assert ChannelConfig(profile="flat").effective_k_factor_db == 10.0
+  assert ChannelConfig(profile="flat", k_factor_db=-math.inf).k_factor == 0.0  # Rayleigh
+
+
+@pytest.mark.xfail(strict=True, reason="experiments/common.py sets delay_spread_ns=53.0 with "
+                   "profile 'inf_los', which uses 52.7 ns; remove the marker once it is dropped")
+@pytest.mark.parametrize("size", ["cpu", "full", "tiny"])
+def test_the_experiments_channel_configs_do_not_warn(size):
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ChannelConfig(**dict(common.base_config(size).channel))
