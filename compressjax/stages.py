@@ -7,11 +7,13 @@ constraint wrappers of the stages so far (earliest innermost).
 
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 import optax
 
 from compressjax import pruning
 from compressjax import quantization
+from compressjax import selection
 from compressjax import training
 from compressjax.training import parallel
 from compressjax.channels import ChannelConfig
@@ -159,14 +161,14 @@ def validate(config: Any) -> Setup:
   return Setup(channel, teacher, student, pipelines, spec)
 
 
-def _prune_tx(inner, p, schedule):
+def _prune_tx(inner, p, schedule, masks=None):
   return pruning.wrap(inner, sparsity=p.sparsity, score=p.score, structure=p.structure,
-                      scope=p.scope, schedule=schedule)
+                      scope=p.scope, schedule=schedule, initial_masks=masks)
 
 
 def compose(inner: optax.GradientTransformation, kinds: tuple[str, ...], config: Any,
-            setup: Setup, fresh: str | None = None,
-            steps: int = 0) -> optax.GradientTransformation:
+            setup: Setup, fresh: str | None = None, steps: int = 0,
+            masks: Any = None) -> optax.GradientTransformation:
   """Stacks the wrappers of the constraint ``kinds`` around ``inner``, earliest innermost.
 
   Args:
@@ -175,8 +177,13 @@ def compose(inner: optax.GradientTransformation, kinds: tuple[str, ...], config:
     config: the run config (sparsity, bits, ...).
     setup: the resolved setup (the quantization spec).
     fresh: the kind this stage introduces (its schedule runs over the stage); earlier
-      kinds are kept by re-deriving masks at step 0 (pruned weights are the smallest).
+      kinds are re-applied at step 0 (the grid from the incoming weights; the masks
+      from ``masks``, else re-derived by the stage's score, which keeps the pruned set
+      only when the score ranks the zeros lowest).
     steps: the stage's steps (for the gradual pruning schedule).
+    masks: the prune stage's keep masks (`carried_masks` or `masks_from_params`),
+      passed as ``initial_masks`` to every prune wrapper, so that no weight it pruned
+      comes back and no other is pruned in its place; None re-derives them.
 
   Returns:
     The wrapped optimizer.
@@ -190,7 +197,51 @@ def compose(inner: optax.GradientTransformation, kinds: tuple[str, ...], config:
         schedule = pruning.polynomial(begin=0, end=end, every=max(end // 10, 1))
       else:
         schedule = pruning.one_shot(0)
-      tx = _prune_tx(tx, p, schedule)
+      tx = _prune_tx(tx, p, schedule, masks)
     elif kind == "quantize":
       tx = quantization.wrap(tx, setup.spec)
   return tx
+
+
+def carried_masks(opt_state: Any) -> Any:
+  """The keep masks of the pruning wrapper in an optimizer state, or None if it has none.
+
+  Args:
+    opt_state: the final optimizer state of a stage (a vmapped sweep's holds every
+      member's masks stacked on a leading axis: unstack them first).
+
+  Returns:
+    Masks to pass to `compose` (``masks=``) in the stages after it, or None.
+  """
+  try:
+    return pruning.masks(opt_state)
+  except ValueError:
+    return None
+
+
+def masks_from_params(params: Any, config: Any) -> Any:
+  """Keep masks read off the prune stage's params: its pruned weights are its exact zeros.
+
+  Exact on the output of a prune stage that runs on float weights (``prune`` before
+  ``quantize``), where a kept weight is 0.0 with probability zero. On params already
+  on a grid (``quantize,prune``) a kept weight that rounds to 0 reads as pruned; the
+  exact masks are those of the stage's state (`carried_masks`). Biases of pruned
+  neurons/channels/heads are left to follow their kernels.
+
+  Args:
+    params: the prune stage's final params.
+    config: the run config (its ``prune`` fields pick the pruned kernels).
+
+  Returns:
+    Masks for `compose` (``masks=``): ``params != 0`` at the pruned kernels, None
+    elsewhere.
+  """
+  state = _prune_tx(optax.identity(), config.prune, pruning.one_shot(0)).init(params)
+
+  def mask(path, m, x):
+    if isinstance(m, optax.MaskedNode) or not selection.default_where(
+        selection.path_str(path)):
+      return None
+    return np.asarray(x) != 0
+  return jax.tree_util.tree_map_with_path(
+      mask, state.masks, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))

@@ -6,6 +6,12 @@ runs on prune steps only) and returns ``jnp.where(mask, u, -p)``: after
 ``optax.apply_updates`` every pruned weight is exactly 0, whatever ``inner`` does
 (momentum, weight decay). Masks only shrink: a pruned weight stays at 0.
 
+A later stage keeps an earlier stage's pruning exactly by starting from its masks:
+``wrap(inner, ..., initial_masks=masks(earlier_state))``. Recomputed masks are
+intersected with the current ones, so a schedule can prune further but never
+revive a weight, whatever the score ranks (re-deriving masks from the weights
+instead keeps the set only when the score ranks the zeros lowest).
+
 Order when nesting with other wrappers: the outermost wrapper has the last word on
 the parameters. ``pruning.wrap(quantization.wrap(adamw))`` lands on the grid and
 then zeroes pruned weights (0 must be on the grid for both to hold); put nothing
@@ -138,6 +144,56 @@ def _final_sparsities(pl: _Plan, sparsity: Sparsity, kind: str) -> list:
   return out
 
 
+def _is_mask_leaf(x) -> bool:
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _check_initial_dtypes(initial_masks: Any) -> None:
+  """Raises ValueError unless every leaf of ``initial_masks`` is None, MaskedNode or bool."""
+  flat = jax.tree_util.tree_flatten_with_path(initial_masks, is_leaf=_is_mask_leaf)[0]
+  for path, m in flat:
+    if _is_mask_leaf(m):
+      continue
+    dtype = getattr(m, "dtype", None)
+    if dtype is None or np.dtype(dtype) != np.bool_:
+      raise ValueError(f"initial_masks[{selection.path_str(path)!r}] must be a bool array "
+                       f"(True = kept), None or optax.MaskedNode(), got "
+                       f"{type(m).__name__} of dtype {dtype}")
+
+
+def _start_masks(pl: _Plan, params: optax.Params, initial_masks: Any) -> Any:
+  """The masks a state starts from: ``initial_masks`` checked against ``params``.
+
+  A scored kernel without a mask starts all kept; a companion bias without one gets
+  the mask of its kernel's units (`structures.bias_mask`).
+  """
+  leaves = jax.tree.leaves(params)
+  index = {p: i for i, p in enumerate(pl.paths)}
+  given = {}
+  for path, m in jax.tree_util.tree_flatten_with_path(initial_masks, is_leaf=_is_mask_leaf)[0]:
+    path = selection.path_str(path)
+    if path not in index:
+      raise ValueError(f"initial_masks has a mask at {path!r}, which is not a parameter path; "
+                       f"params have {pl.paths[:8]}{' ...' if len(pl.paths) > 8 else ''}")
+    if _is_mask_leaf(m):
+      continue
+    i = index[path]
+    if i not in pl.masked:
+      raise ValueError(f"initial_masks has a mask at {path!r}, which this wrapper does not "
+                       f"prune; it prunes {[pl.paths[j] for j in pl.masked]}")
+    if tuple(np.shape(m)) != tuple(leaves[i].shape):
+      raise ValueError(f"initial_masks[{path!r}] must have the shape of the parameter "
+                       f"{tuple(leaves[i].shape)}, got {tuple(np.shape(m))}")
+    given[i] = jnp.array(m, dtype=bool)  # a copy: never an alias of the caller's array
+  out = {}
+  for i in pl.scored:
+    out[i] = given.get(i, jnp.ones(leaves[i].shape, bool))
+  for b, j in pl.companions.items():
+    out[b] = given[b] if b in given else structures.bias_mask(
+        out[pl.scored[j]], pl.layouts[j], leaves[b].shape)
+  return pl.tree(out)
+
+
 def wrap(inner: optax.GradientTransformation,
          sparsity: Sparsity,
          score: str | scores_lib.ScoreFn = "magnitude",
@@ -146,7 +202,8 @@ def wrap(inner: optax.GradientTransformation,
          schedule: schedules_lib.Schedule | None = None,
          where: selection.Where | None = None,
          head_axis: int | Callable[[str], int | None] | None = None,
-         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+         seed: int = 0,
+         initial_masks: Any = None) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer so that selected weights are pruned by masks in its state.
 
   Args:
@@ -172,6 +229,15 @@ def wrap(inner: optax.GradientTransformation,
     head_axis: head axis for "head" (an int, or ``path -> int``); default detects
       the Flax attention layout. List it in ``static_args`` under inject_hyperparams.
     seed: seed of the "random" score.
+    initial_masks: keep masks (True = kept) to start from, e.g. `masks` of an
+      earlier stage's state: a pytree like the params with a bool array of the
+      parameter's shape at pruned leaves and None (or ``optax.MaskedNode()``) at
+      the others; a selected kernel given None starts all kept, and a bias of
+      neuron/channel/head units given None follows its kernel. They hold from the
+      first update. A prune event of ``schedule`` ranks the pruned units lowest and
+      intersects its masks with the current ones, so with the same sparsity the set
+      is kept exactly and with a higher one it only grows. Only ``init`` reads them:
+      wrappers that differ only in ``initial_masks`` have the same ``update``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a `PruningState`; its
@@ -179,7 +245,9 @@ def wrap(inner: optax.GradientTransformation,
 
   Raises:
     ValueError: for a bad argument, naming it, its value and what is allowed; at
-      ``init``, for a ``where`` that selects nothing or selects a non-floating leaf.
+      ``init``, for a ``where`` that selects nothing or selects a non-floating leaf,
+      and for ``initial_masks`` at a path, or of a shape, that the params lack or
+      that this wrapper does not prune.
 
   Non-finite gradients are not filtered: a NaN or Inf gradient reaches the kept
   weights (pruned ones stay exactly 0) and, at a prune step, the scores and masks.
@@ -188,6 +256,8 @@ def wrap(inner: optax.GradientTransformation,
   """
   struct = structures.parse(structure)
   score_fn = scores_lib.get_score(score)
+  if initial_masks is not None:
+    _check_initial_dtypes(initial_masks)
   if scope not in SCOPES:
     raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
   schedule = schedules_lib.one_shot(0) if schedule is None else schedule
@@ -236,10 +306,12 @@ def wrap(inner: optax.GradientTransformation,
     # Fresh buffers (never aliases of params), so callers may donate params.
     full = lambda idx, fill, dtype=None: pl.tree(
         {i: jnp.full(leaves[i].shape, fill, dtype or leaves[i].dtype) for i in idx})
+    start = (full(pl.masked, True, bool) if initial_masks is None
+             else _start_masks(pl, params, initial_masks))
     return PruningState(
         inner_state=inner.init(params),
         count=jnp.zeros([], jnp.int32),
-        masks=full(pl.masked, True, bool),
+        masks=start,
         movement=full(pl.scored, 0, jnp.float32) if use_movement else (),
         rewind=full(pl.scored, 0) if rewind_step is not None else (),
         rng=jax.random.key_data(jax.random.key(seed)))
@@ -274,7 +346,9 @@ def wrap(inner: optax.GradientTransformation,
       new = dict(zip(pl.scored, kernel))
       for b, j in pl.companions.items():
         new[b] = structures.bias_mask(kernel[j], pl.layouts[j], p_leaves[b].shape)
-      return pl.tree(new)
+      # Masks only shrink, even when the target count is below the pruned count
+      # (initial masks, a lower injected sparsity) or the structures differ.
+      return pl.tree({i: new[i] & old[i] for i in pl.masked})
 
     # Only prune steps pay for scoring and ranking.
     masks = jax.lax.cond(fire, recompute, lambda: state.masks)
