@@ -13,6 +13,9 @@ from compressjax.quantization.calibration import minmax
 from compressjax.quantization.calibration import mse
 from compressjax.quantization.calibration import percentile
 from compressjax.quantization.calibration import ptq
+from compressjax.quantization.entropy import decode
+from compressjax.quantization.entropy import encode
+from compressjax.quantization.entropy import encoded_nbytes
 from compressjax.quantization.export import Packed
 from compressjax.quantization.export import PackedTensor
 from compressjax.quantization.export import SparseTensor
