@@ -138,8 +138,6 @@ def test_flat_profile_is_rician_with_k_10_db_unless_set():
   assert ChannelConfig(profile="flat", k_factor_db=-math.inf).k_factor == 0.0  # Rayleigh
 
 
-@pytest.mark.xfail(strict=True, reason="experiments/common.py sets delay_spread_ns=53.0 with "
-                   "profile 'inf_los', which uses 52.7 ns; remove the marker once it is dropped")
 @pytest.mark.parametrize("size", ["cpu", "full", "tiny"])
 def test_the_experiments_channel_configs_do_not_warn(size):
   from experiments import common  # pylint: disable=g-import-not-at-top
