@@ -287,6 +287,7 @@ def load_file(path: str | os.PathLike) -> Packed:
   Raises:
     ValueError: naming ``path`` and what is wrong, for a file that is not a packed file (a
       text file, another ``.npz``), has another format version, or is truncated or corrupt.
+    OSError: if the file cannot be opened (``FileNotFoundError`` for a missing one).
   """
   path = os.fspath(path)
   header, payload = _read_archive(path)
