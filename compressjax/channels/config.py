@@ -55,7 +55,11 @@ class ChannelConfig:
     modulations: the classes of the "modulation" task; the label is an index into it.
     seq_len: L, complex samples per example.
     num_pilots: P, length of the known QPSK preamble (`pilot_symbols`) of the "symbols"
-      and "channel" tasks; 0 <= P < L.
+      and "channel" tasks (and of the "modulation" task with ``modulation_pilots``);
+      0 <= P < L.
+    modulation_pilots: whether the "modulation" task's frames carry the preamble too, as
+      any burst does for synchronization (the payload's modulation stays unknown to the
+      receiver); False gives blind classification of L payload symbols.
     profile: power-delay profile, one of `fading.PROFILES`: "awgn" (one unit tap, no
       fading; ignores ``k_factor_db``, ``delay_spread_ns`` and ``doppler_hz``), "flat" (one
       fading tap, Rician with K = ``k_factor_db``: 10 dB by default, pass
@@ -85,6 +89,7 @@ class ChannelConfig:
   modulations: tuple[str, ...] = ("bpsk", "qpsk", "psk8", "qam16", "qam64")
   seq_len: int = 128
   num_pilots: int = 16
+  modulation_pilots: bool = False
   profile: str = "exponential"
   k_factor_db: float = 10.0
   delay_spread_ns: float = 50.0
@@ -111,6 +116,8 @@ class ChannelConfig:
     object.__setattr__(self, "modulations", tuple(mods))
     _check_int("seq_len", self.seq_len, 1, 1 << 20)
     _check_int("num_pilots", self.num_pilots, 0, self.seq_len - 1)
+    if not isinstance(self.modulation_pilots, bool):
+      raise ValueError(f"modulation_pilots must be True or False, got {self.modulation_pilots!r}")
     if self.profile not in fading.PROFILES:
       raise ValueError(f"profile must be one of {fading.PROFILES}, got {self.profile!r}")
     k = self.k_factor_db

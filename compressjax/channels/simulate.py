@@ -22,9 +22,10 @@ vmap contract (XLA batches RngBitGenerator from the first key only, so vmapped a
 draws differ).
 
 Tasks share one frame generator and one `Batch` structure per config:
-  "modulation": a class c uniform over ``cfg.modulations``; all L symbols are uniform
-    points of that modulation, no pilots; ``label`` = c, ``symbols`` = the sent indices
-    (of the example's own modulation), ``bits`` = 0.
+  "modulation": a class c uniform over ``cfg.modulations``; the L symbols are uniform
+    points of that modulation (after the preamble if ``cfg.modulation_pilots``, else no
+    pilots); ``label`` = c, ``symbols`` = the sent indices (of the example's own
+    modulation, 0 at pilot positions), ``bits`` = 0.
   "symbols": ``cfg.modulation`` with the `pilot_symbols` preamble on the first P positions;
     ``symbols`` / ``bits`` are the data labels, 0 at pilot positions (mask with
     ``pilot_mask``); ``label`` = 0.
@@ -109,7 +110,7 @@ def _check_task(task: str) -> None:
 
 
 def _pilot_mask(cfg: ChannelConfig, task: str) -> np.ndarray:
-  p = 0 if task == "modulation" else cfg.num_pilots
+  p = 0 if task == "modulation" and not cfg.modulation_pilots else cfg.num_pilots
   return np.arange(cfg.seq_len) < p
 
 
@@ -341,8 +342,9 @@ def transmitted_symbols(batch: Batch, cfg: ChannelConfig, task: str = "symbols")
   _check_args(cfg, task)
   if task == "modulation":
     table, _ = _class_table(cfg.modulations)
-    return jnp.asarray(table)[batch.label[:, None], batch.symbols]
-  x = jnp.asarray(_points(cfg.modulation))[batch.symbols]
+    x = jnp.asarray(table)[batch.label[:, None], batch.symbols]
+  else:
+    x = jnp.asarray(_points(cfg.modulation))[batch.symbols]
   return jnp.where(batch.pilot_mask, _pilot_frame(cfg), x)
 
 

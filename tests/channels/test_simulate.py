@@ -161,6 +161,25 @@ def test_modulation_task_classes_and_points():
   np.testing.assert_array_equal(b.taps, 1.0)
 
 
+def test_modulation_frames_can_carry_the_preamble():
+  import dataclasses
+  cfg = dataclasses.replace(MOD, modulation_pilots=True, num_pilots=6)
+  b = _np(channels.simulate(jax.random.key(5), cfg, 256, "modulation"))
+  np.testing.assert_array_equal(b.pilot_mask, np.arange(cfg.seq_len) < 6)
+  assert not b.symbols[:, :6].any()
+  y = b.iq[..., 0] + 1j * b.iq[..., 1]                        # 200 dB: noise-free
+  np.testing.assert_allclose(y[:, :6], np.broadcast_to(channels.pilot_symbols(6), (256, 6)),
+                             atol=1e-5)
+  for c, name in enumerate(cfg.modulations):                   # the payload is the class's
+    rows = b.label == c
+    want = np.asarray(channels.constellation(name))[b.symbols[rows, 6:]]
+    np.testing.assert_allclose(y[rows, 6:], want, atol=1e-5)
+  sent = channels.transmitted_symbols(jax.tree.map(jax.numpy.asarray, b), cfg, "modulation")
+  np.testing.assert_allclose(sent, y, atol=1e-5)
+  with pytest.raises(ValueError, match="modulation_pilots must be True or False"):
+    dataclasses.replace(MOD, modulation_pilots=1)
+
+
 def test_packed_symbols_are_uniform_and_independent():
   # Symbols share uint32 words (8 per word for 16-QAM, 5 six-bit lanes in the modulation
   # task): every symbol and every adjacent pair must still be uniform. Chi-square tests at
