@@ -1,13 +1,16 @@
 """A small multi-task transformer over I/Q sequences: the wireless foundation model.
 
-I/Q samples ``[B, L, 2]`` are cut into patches of ``patch`` samples, embedded by one
-Dense layer, given learned or sinusoidal positions, and passed through ``depth``
-pre-norm blocks (multi-head self-attention, then a GELU MLP; Vaswani et al., 2017,
+I/Q samples ``[B, L, 2]`` first pass the receiver's fixed (not learned) front end
+(``frontend``: the raw samples, or `channels.frontend.pilot_features`: the channel and
+noise estimates from the pilot preamble and the MMSE-equalized symbols, ``in_channels``
+values per sample), are cut into patches of ``patch`` samples, embedded by one Dense
+layer, given learned or sinusoidal positions, and passed through ``depth`` pre-norm blocks (multi-head self-attention, then a GELU MLP; Vaswani et al., 2017,
 "Attention is all you need", with the pre-norm placement of Xiong et al., 2020). A
 final LayerNorm feeds three task heads that share the backbone:
 
 * ``modulation``: mean-pooled tokens -> Dense -> class logits ``[B, num_classes]``;
-* ``symbols``: each token -> Dense ``patch * M`` -> symbol logits ``[B, L, M]``;
+* ``symbols``: each token -> Dense ``patch * M`` -> symbol logits ``[B, L, M]`` (plus,
+  with a front end, a per-sample Dense of its features: ``skip_symbols``);
 * ``channel``: mean-pooled tokens -> Dense ``2 T`` -> block-fading taps ``[B, T, 2]``
   (real, imaginary).
 
@@ -32,6 +35,8 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from compressjax.channels import frontend as frontend_lib
 
 POSITIONS = ("learned", "sinusoidal")
 TASKS = ("modulation", "symbols", "channel")
@@ -74,6 +79,12 @@ class IQTransformerConfig:
     num_symbols: constellation order M of the symbol head.
     num_taps: channel taps T of the channel head.
     dropout: dropout rate after the embedding, attention and MLP (train only).
+    frontend: the fixed input features, one of `channels.frontend.FRONTENDS`: "raw"
+      (the I/Q samples) or "pilots" (model-based features from the pilot preamble).
+    num_pilots: P, the preamble length the "pilots" front end reads (> ``num_taps``);
+      unused by "raw".
+    tap_powers: the channel's mean tap powers E|h_t|^2 (``num_taps`` floats), the prior
+      of the "pilots" front end's LMMSE channel estimate; None estimates the taps by LS.
   """
   width: int = 64
   depth: int = 4
@@ -87,6 +98,9 @@ class IQTransformerConfig:
   num_symbols: int = 16
   num_taps: int = 7
   dropout: float = 0.0
+  frontend: str = "raw"
+  num_pilots: int = 0
+  tap_powers: tuple[float, ...] | None = None
 
   def __post_init__(self):
     for field in ("width", "depth", "head_dim", "patch", "seq_len", "num_classes",
@@ -107,6 +121,19 @@ class IQTransformerConfig:
       raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    frontend_lib.num_features(self.frontend, self.num_taps)
+    if self.tap_powers is not None:
+      object.__setattr__(self, "tap_powers", tuple(float(p) for p in self.tap_powers))
+    frontend_lib.check_tap_powers(self.tap_powers, self.num_taps)
+    if self.frontend == "pilots":
+      frontend_lib.check_pilots(self.num_pilots, self.num_taps)
+      if self.num_pilots >= self.seq_len:
+        raise ValueError(f"num_pilots must be < seq_len={self.seq_len}, got {self.num_pilots}")
+
+  @property
+  def in_channels(self) -> int:
+    """Input values per sample that the embedding reads (2 for raw I/Q)."""
+    return frontend_lib.num_features(self.frontend, self.num_taps)
 
   @property
   def num_tokens(self) -> int:
@@ -248,7 +275,9 @@ class IQTransformer(nn.Module):
     if iq.ndim != 3 or iq.shape[1:] != (cfg.seq_len, 2):
       raise ValueError(f"iq must have shape [B, {cfg.seq_len}, 2], got {iq.shape}")
     b = iq.shape[0]
-    tokens = iq.reshape(b, cfg.num_tokens, cfg.patch * 2)
+    inputs = frontend_lib.features(iq, cfg.frontend, cfg.num_pilots, cfg.num_taps,
+                                   cfg.tap_powers)
+    tokens = inputs.reshape(b, cfg.num_tokens, cfg.patch * cfg.in_channels)
     x = nn.Dense(cfg.width, name="embed")(tokens)
     if cfg.positions == "learned":
       x = x + self.param("pos_embed", nn.initializers.normal(0.02),
@@ -262,10 +291,17 @@ class IQTransformer(nn.Module):
     x = nn.LayerNorm(name="ln_f")(x)
     pooled = x.mean(axis=1)
     symbols = nn.Dense(cfg.patch * cfg.num_symbols, name="head_symbols")(x)
+    symbols = symbols.reshape(b, cfg.seq_len, cfg.num_symbols)
+    if cfg.frontend != "raw":
+      # A per-sample linear path from the front end's features to the symbol logits: the
+      # ML decision on an equalized sample is linear in it (argmax_m Re(x_hat s_m*) -
+      # |s_m|^2 / 2), so this path learns the classical detector at once and the
+      # transformer learns what it gets wrong.
+      symbols = symbols + nn.Dense(cfg.num_symbols, name="skip_symbols")(inputs)
     channel = nn.Dense(2 * cfg.num_taps, name="head_channel")(pooled)
     return {
         "modulation": nn.Dense(cfg.num_classes, name="head_modulation")(pooled),
-        "symbols": symbols.reshape(b, cfg.seq_len, cfg.num_symbols),
+        "symbols": symbols,
         "channel": channel.reshape(b, cfg.num_taps, 2),
     }
 
@@ -281,7 +317,8 @@ def config_from_params(config: IQTransformerConfig, params: Any) -> IQTransforme
   """The config whose structure matches ``params`` (e.g. after ``pruning.materialize``).
 
   Reads depth, width, per-block head counts and MLP widths, patch, positions and the
-  head sizes from the kernel shapes; keeps ``seq_len`` and ``dropout`` from ``config``.
+  head sizes from the kernel shapes; keeps ``seq_len``, ``dropout`` and the front end
+  (``frontend``, ``num_pilots``, ``tap_powers``: they fix ``in_channels``) from ``config``.
   An int field of ``config`` stays an int when every block agrees.
 
   Args:
@@ -309,7 +346,11 @@ def config_from_params(config: IQTransformerConfig, params: Any) -> IQTransforme
   if depth < 1 or len(head_dims) != 1:
     raise ValueError(f"params must hold >= 1 block with one head_dim, got depth={depth}, "
                      f"head_dims={sorted(head_dims)}")
-  patch = int(embed[0]) // 2
+  if int(embed[0]) % config.in_channels:
+    raise ValueError(f"params' embed kernel has {embed[0]} input rows, not a multiple of "
+                     f"the config's in_channels={config.in_channels} "
+                     f"(frontend={config.frontend!r})")
+  patch = int(embed[0]) // config.in_channels
 
   def keep_form(field, values):
     if isinstance(getattr(config, field), int) and len(set(values)) == 1 and values[0] > 0:

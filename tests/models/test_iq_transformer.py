@@ -140,7 +140,31 @@ def test_config_from_params_round_trips(params):
     iqt.config_from_params(CFG, {"embed": {}})
 
 
+PILOTS = dataclasses.replace(CFG, seq_len=16, num_taps=2, num_pilots=4, frontend="pilots")
+
+
+def test_pilots_frontend_reads_its_feature_count_per_sample():
+  assert CFG.in_channels == 2 and PILOTS.in_channels == 12 + 2 * 2
+  p = iqt.init_params(PILOTS, jax.random.key(0))
+  assert p["embed"]["kernel"].shape == (PILOTS.patch * PILOTS.in_channels, 16)
+  # The per-sample skip path to the symbol logits exists only beside a front end.
+  assert p["skip_symbols"]["kernel"].shape == (PILOTS.in_channels, 4)
+  assert "skip_symbols" not in iqt.init_params(CFG, jax.random.key(0))
+  out = _apply(PILOTS, p, _iq(seq_len=16))
+  chex.assert_shape(out["symbols"], (B, 16, 4))
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in out.values())
+  # The input-channel count is the config's, not a guess from the kernel: patch 2 of
+  # 16-wide features (32 rows) is not mistaken for patch 16 of raw I/Q.
+  assert iqt.config_from_params(PILOTS, p) == PILOTS
+  wide = dataclasses.replace(PILOTS, patch=4)
+  assert iqt.config_from_params(PILOTS, jax.eval_shape(
+      lambda: iqt.init_params(wide, jax.random.key(0)))) == wide
+  with pytest.raises(ValueError, match="in_channels=16"):
+    iqt.config_from_params(PILOTS, iqt.init_params(CFG, jax.random.key(0)))
+
+
 @pytest.mark.parametrize("overrides, field", [
+    ({"frontend": "fft"}, "frontend"), ({"frontend": "pilots", "num_pilots": 3}, "num_pilots"),
     ({"seq_len": 9}, "seq_len"), ({"num_heads": (2,)}, "num_heads"),
     ({"mlp_dim": 0}, "mlp_dim"), ({"positions": "rotary"}, "positions"),
     ({"dropout": 1.0}, "dropout"), ({"num_symbols": 1}, "num_symbols")])
