@@ -11,11 +11,16 @@ stage (and every reference receiver) is measured on exactly the same frames.
   ``[B, L, T]`` are compared through their frame average, the block the head predicts).
 
 `reference_receivers` runs LS + MMSE + ML, LMMSE + MMSE + ML and the perfect-CSI
-detector (`compressjax.channels.receivers`) on the same symbol-task frames.
+detector (`compressjax.channels.receivers`) on the same symbol-task frames;
+`reference_classifier` is the modulation task's upper line, a classifier that knows the
+channel. `snr_point_batches` draws the evaluation set at fixed SNR points (each batch at
+one point), so the per-bin curves above are curves at those points.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import dataclasses
 
 import chex
 import jax
@@ -45,6 +50,49 @@ def make_eval_batches(data_fn: Callable[[chex.PRNGKey], Any], key: chex.PRNGKey,
     raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
   draw = jax.jit(data_fn)
   return [draw(jax.random.fold_in(key, i)) for i in range(num_batches)]
+
+
+def snr_point_batches(data_fn_at: Callable[[Any], Callable[[chex.PRNGKey], Any]],
+                      key: chex.PRNGKey, points: Sequence[float],
+                      chunks: int) -> list[Any]:
+  """The evaluation set at fixed SNR points: ``chunks`` batch sets per point, in order.
+
+  Args:
+    data_fn_at: ``data_fn_at(snr_db) -> data_fn`` (e.g. ``multitask_data_fn`` of the
+      channel config with ``snr_db`` replaced); every example of its batches has that SNR.
+    key: the fixed evaluation key; point i, chunk j draws from ``fold_in(fold_in(key, i),
+      j)``.
+    points: the SNR points in dB, increasing.
+    chunks: batch sets per point (frames per point = chunks x the data_fn's batch).
+
+  Returns:
+    A list of ``len(points) * chunks`` batch sets.
+  """
+  if not isinstance(chunks, int) or chunks < 1:
+    raise ValueError(f"chunks must be an int >= 1, got {chunks!r}")
+  points = [float(p) for p in points]
+  if not points or any(b <= a for a, b in zip(points, points[1:])):
+    raise ValueError(f"points must be increasing SNR values, got {points}")
+  out = []
+  for i, p in enumerate(points):
+    draw = data_fn_at(p)
+    out += [draw(jax.random.fold_in(jax.random.fold_in(key, i), j)) for j in range(chunks)]
+  return out
+
+
+def point_edges(points: Sequence[float]) -> tuple[float, ...]:
+  """Bin edges that put each SNR point alone in its bin (midpoints, half a gap outside)."""
+  p = np.asarray(points, np.float64)
+  if p.ndim != 1 or p.size < 1 or np.any(np.diff(p) <= 0):
+    raise ValueError(f"points must be increasing SNR values, got {p.tolist()}")
+  gap = float(np.min(np.diff(p))) if p.size > 1 else 1.0
+  mids = (p[:-1] + p[1:]) / 2
+  return tuple([float(p[0] - gap / 2), *mids.tolist(), float(p[-1] + gap / 2)])
+
+
+def with_snr(cfg: Any, snr_db: float) -> Any:
+  """``cfg`` (a ``ChannelConfig``) at one fixed SNR."""
+  return dataclasses.replace(cfg, snr_db=float(snr_db))
 
 
 def _host_batches(eval_batches: Sequence[Mapping[str, Any]], task: str) -> Any:
@@ -188,3 +236,48 @@ def reference_receivers(eval_batches: Sequence[Mapping[str, Any]], *, modulation
       rep.update(_nmse_report(np.asarray(out.taps), block, batch.snr_db, snr_edges))
     report[name] = rep
   return report
+
+
+def reference_classifier(eval_batches: Sequence[Mapping[str, Any]], *,
+                         modulations: Sequence[str], snr_edges: Any) -> dict[str, Any]:
+  """Accuracy of a modulation classifier that knows the channel: the task's upper line.
+
+  Each frame is MMSE-equalized with its TRUE taps and noise variance
+  (`receivers.equalize_and_detect`), and the class is the constellation of highest
+  likelihood of the data positions, treating the equalizer output as x + CN(0, 1 / SINR):
+  argmax_c sum_n log((1 / M_c) sum_{s in S_c} exp(-SINR_n |x_hat_n - s|^2)). Data positions
+  are those outside ``pilot_mask`` (the preamble is known to every class alike).
+
+  Args:
+    eval_batches: from `make_eval_batches` or `snr_point_batches`; must include the
+      "modulation" task.
+    modulations: the class names, in label order (``ChannelConfig.modulations``).
+    snr_edges: SNR bin edges in dB.
+
+  Returns:
+    ``{"accuracy", "accuracy_by_snr"}`` as `evaluate` reports them for a model.
+  """
+  if "modulation" not in eval_batches[0]:
+    raise ValueError(f"eval_batches must hold the 'modulation' task, got "
+                     f"{sorted(eval_batches[0])}")
+  for m in modulations:
+    constellations.check_modulation(m)
+  batch = _host_batches(eval_batches, "modulation")
+  y = jnp.asarray(batch.iq[..., 0] + 1j * batch.iq[..., 1], jnp.complex64)
+  equalize = jax.jit(jax.vmap(lambda y, h, n: receivers.equalize_and_detect(y, h, n, "qpsk")))
+  out = jax.device_get(equalize(y, jnp.asarray(batch.taps, jnp.complex64),
+                                jnp.asarray(batch.noise_var, jnp.float32)))
+  x_hat, sinr = np.asarray(out.x_hat, np.complex128), np.asarray(out.sinr, np.float64)
+  data = _data_mask(batch).astype(np.float64)
+  scores = []
+  for m in modulations:
+    pts = np.asarray(constellations.constellation(m), np.complex128)
+    d = -sinr[..., None] * np.abs(x_hat[..., None] - pts) ** 2           # [F, L, M]
+    top = d.max(-1, keepdims=True)
+    ll = (top[..., 0] + np.log(np.exp(d - top).mean(-1)))
+    scores.append((ll * data).sum(-1))
+  pred = np.argmax(np.stack(scores, -1), -1)
+  correct = (pred == batch.label).astype(np.float64)
+  acc = metrics_lib.binned_rate(correct, np.ones_like(correct), batch.snr_db, snr_edges)
+  acc["accuracy"] = acc.pop("rate")
+  return {"accuracy": float(correct.mean()), "accuracy_by_snr": acc}

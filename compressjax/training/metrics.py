@@ -113,17 +113,84 @@ def binned_rate(errors: Any, counts: Any, snr_db: Any, edges: Any) -> dict[str, 
   Returns:
     ``{"snr_db": [K] bin centres, "rate": [K] (None for an empty bin, so the dict is
     strict JSON; ``np.asarray(rate, float)`` turns it into NaN), "count": [K]
-    opportunities}`` as lists.
+    opportunities, "lo"/"hi": [K] its 95% interval over examples (`rate_interval`)}``
+    as lists.
   """
   idx = snr_bin_index(snr_db, edges)
   k = len(edges) - 1
+  errors = np.asarray(errors, np.float64)
+  counts = np.asarray(counts, np.float64)
   keep = idx >= 0
-  err = np.bincount(idx[keep], np.asarray(errors, np.float64)[keep], minlength=k)
-  cnt = np.bincount(idx[keep], np.asarray(counts, np.float64)[keep], minlength=k)
+  cnt = np.bincount(idx[keep], counts[keep], minlength=k)
   edges = np.asarray(edges, np.float64)
-  rate = [float(e / c) if c > 0 else None for e, c in zip(err, cnt)]
+  rate, lo, hi = [], [], []
+  for b in range(k):
+    sel = idx == b
+    r, l, h = rate_interval(errors[sel], counts[sel]) if cnt[b] > 0 else (None,) * 3
+    rate.append(r), lo.append(l), hi.append(h)
   return {"snr_db": ((edges[:-1] + edges[1:]) / 2).tolist(), "rate": rate,
-          "count": cnt.astype(np.int64).tolist()}
+          "count": cnt.astype(np.int64).tolist(), "lo": lo, "hi": hi}
+
+
+def rate_interval(errors: Any, counts: Any, z: float = 1.96) -> tuple[float, float, float]:
+  """A rate over examples (frames) and its two-sided interval, counting frames, not symbols.
+
+  The symbols of one frame share its channel, so their errors are not independent: the
+  rate r = sum e_i / sum c_i is a ratio estimator over the F frames, whose standard error
+  is sqrt(sum (e_i - r c_i)^2 / (F (F - 1))) / mean(c) (Cochran, Sampling Techniques,
+  1977, Sec. 6.4). The interval is r +- z se, clipped to [0, 1]; with no error at all its
+  upper end is the "rule of three", 3 / sum c (Hanley and Lippman-Hand, 1983; 95%).
+
+  Args:
+    errors: [F] errors per frame.
+    counts: [F] opportunities per frame (> 0 in total).
+    z: the normal quantile (1.96: 95%).
+
+  Returns:
+    ``(rate, lo, hi)`` as floats.
+  """
+  e = np.asarray(errors, np.float64).reshape(-1)
+  c = np.asarray(counts, np.float64).reshape(-1)
+  if e.shape != c.shape or c.sum() <= 0:
+    raise ValueError(f"errors and counts must have one shape and counts a positive sum, got "
+                     f"{e.shape}, {c.shape} with sum {c.sum()}")
+  r = e.sum() / c.sum()
+  f = e.size
+  if e.sum() == 0:
+    return 0.0, 0.0, float(min(1.0, 3.0 / c.sum()))
+  se = np.sqrt(np.sum((e - r * c) ** 2) / max(f * (f - 1), 1)) / c.mean()
+  return float(r), float(max(0.0, r - z * se)), float(min(1.0, r + z * se))
+
+
+def snr_at(snr_db: Any, rates: Any, target: float) -> float | None:
+  """The SNR (dB) where a falling error-rate curve crosses ``target``.
+
+  Interpolates log10(rate) linearly in dB between the two points around the first
+  crossing (error rates fall near-exponentially in dB, so this is the usual reading of a
+  waterfall curve).
+
+  Args:
+    snr_db: [K] increasing SNR points.
+    rates: [K] error rates (None or NaN for a missing point).
+    target: the rate to reach, in (0, 1).
+
+  Returns:
+    The SNR in dB, or None when the curve never falls to ``target`` in the range or is
+    already below it at the first point (the crossing is not bracketed).
+  """
+  if not 0 < target < 1:
+    raise ValueError(f"target must be in (0, 1), got {target!r}")
+  x = np.asarray(snr_db, np.float64)
+  y = np.array([np.nan if v is None else v for v in rates], np.float64)
+  ok = np.isfinite(y)
+  x, y = x[ok], y[ok]
+  below = np.nonzero(y <= target)[0]
+  if below.size == 0 or below[0] == 0:
+    return None
+  i = below[0]
+  lo_y, hi_y = np.log10(max(y[i], 1e-12)), np.log10(y[i - 1])
+  frac = (hi_y - np.log10(target)) / (hi_y - lo_y) if hi_y > lo_y else 1.0
+  return float(x[i - 1] + frac * (x[i] - x[i - 1]))
 
 
 def error_counts(true: Any, pred: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:

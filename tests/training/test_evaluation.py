@@ -93,3 +93,49 @@ def test_reference_receivers_match_awgn_closed_forms():
   for name in ("ls", "lmmse"):
     assert abs(rep[name]["ser"] - ser) < 0.05
     assert rep[name]["ser_by_snr"]["rate"] == [rep[name]["ser"]]
+
+
+MOD_CFG = ChannelConfig(modulation="qam16", modulations=("bpsk", "qpsk", "psk8", "qam16", "qam64"),
+                        seq_len=64, num_pilots=8, modulation_pilots=True, profile="inf_los",
+                        num_taps=4, snr_db=0.0)
+
+
+def _point_set(points, chunks=1, frames=64):
+  at = lambda snr: multitask.multitask_data_fn(ev.with_snr(MOD_CFG, snr), frames,
+                                               ("modulation", "symbols"))
+  return ev.snr_point_batches(at, jax.random.key(5), points, chunks)
+
+
+def test_snr_point_batches_draw_each_point_at_its_snr():
+  batches = _point_set((0.0, 12.5, 30.0), chunks=2, frames=8)
+  assert len(batches) == 6
+  for i, snr in enumerate((0.0, 0.0, 12.5, 12.5, 30.0, 30.0)):
+    for b in batches[i].values():
+      np.testing.assert_array_equal(b.snr_db, np.float32(snr))
+  # Chunks of one point are different frames; the same key gives the same set.
+  assert not np.array_equal(batches[0]["symbols"].iq, batches[1]["symbols"].iq)
+  again = _point_set((0.0, 12.5, 30.0), chunks=2, frames=8)
+  np.testing.assert_array_equal(batches[5]["modulation"].iq, again[5]["modulation"].iq)
+  with pytest.raises(ValueError, match="increasing"):
+    _point_set((5.0, 0.0))
+
+
+def test_point_edges_put_each_point_alone_in_its_bin():
+  from compressjax.training import metrics
+  edges = ev.point_edges((0.0, 2.5, 5.0, 10.0))
+  np.testing.assert_allclose(edges, (-1.25, 1.25, 3.75, 7.5, 11.25))
+  np.testing.assert_array_equal(metrics.snr_bin_index([0.0, 2.5, 5.0, 10.0], edges),
+                                [0, 1, 2, 3])
+
+
+def test_known_channel_classifier_is_near_perfect_at_high_snr_and_near_chance_at_low():
+  batches = _point_set((-20.0, 30.0), frames=200)
+  rep = ev.reference_classifier(batches, modulations=MOD_CFG.modulations,
+                                snr_edges=ev.point_edges((-20.0, 30.0)))
+  low, high = rep["accuracy_by_snr"]["accuracy"]
+  assert high >= 0.98, high
+  # At -20 dB the payload is noise: about 1 in 5 right (99% binomial band of 200 frames).
+  assert 0.12 <= low <= 0.30, low
+  with pytest.raises(ValueError, match="modulation"):
+    ev.reference_classifier([{"symbols": batches[0]["symbols"]}],
+                            modulations=MOD_CFG.modulations, snr_edges=(0.0, 1.0))
