@@ -10,10 +10,18 @@ config on it. A pipeline is an ordered list of stages (data, not code):
 * ``distill``: trains with the Hinton et al. (2015) loss against the fp32 teacher, the
   student being the running compressed model (``distill``/``distill:inherit``) or the
   smaller ``config.student`` architecture (``distill:small``).
+* ``finetune``: trains further with the plain task loss (keeping earlier constraints):
+  the uncompressed control that separates what compression costs from extra training.
+
+Every model is measured on the same frames, at fixed Es/N0 points (``eval.snr_points``):
+SER with a 95% interval that counts frames, the Es/N0 each needs for SER 1e-1 and 1e-2
+and its loss in dB against the teacher, modulation accuracy per point, beside the
+classical references (LS, LMMSE, perfect CSI, a classifier that knows the channel).
 
 Every later stage keeps the earlier constraints: the optimizer of stage ``i`` is the
-stack of the wrappers of stages ``< i`` (earliest innermost, masks and grid re-derived
-from the incoming weights at step 0) plus its own. So ``prune,quantize`` is
+stack of the wrappers of stages ``< i`` (earliest innermost; the prune stage's masks
+are carried as state, saved beside its params, and the grid is re-derived from the
+incoming on-grid weights at step 0) plus its own. So ``prune,quantize`` is
 ``quantization.wrap(pruning.wrap(adamw))`` (prune on float weights, then put the
 survivors on the grid), and ``quantize,prune`` is ``pruning.wrap(quantization.wrap(
 adamw))`` (prune the on-grid weights; zeros are on the grid).
@@ -45,17 +53,20 @@ import optax
 from compressjax import distillation
 from compressjax import quantization
 from compressjax import reporting
-from compressjax import selection
 from compressjax import training
+from compressjax.measurement import COLUMNS
+from compressjax.measurement import add_losses
+from compressjax.measurement import evaluation_set
+from compressjax.measurement import footer
+from compressjax.measurement import measure
+from compressjax.measurement import references
 from compressjax.models import iq_transformer
+from compressjax.stages import carried_masks
 from compressjax.stages import compose
 from compressjax.stages import Setup
 from compressjax.stages import validate
 from compressjax.training import checkpoint
 from compressjax.training import parallel
-
-_EVAL_KEY = 20261123  # fixed: every stage and every seed is measured on the same frames
-
 
 def _optimizer(lr: float, steps: int, weight_decay: float, warmup: int = 0):
   """AdamW with a cosine decay to 5% of ``lr`` (after a linear warm-up, if any)."""
@@ -81,30 +92,38 @@ def _train(config, setup, name, model_cfg, inits, tx, steps, keys, ckpt_dir, tea
   Args:
     inits: the group's initial params, one per seed; two or more run as one
       ``jax.vmap``-ed program (``train.vmap_seeds``).
+    tx: the optimizer, or one per seed (they may differ only in their initial state,
+      e.g. each seed's carried pruning masks: the step is built from the first).
     keys: their PRNG keys.
     ckpt_dir: where the run's periodic checkpoints go (it resumes from them).
     teacher: ``(teacher_cfg, [teacher params per seed])`` or None.
 
   Returns:
-    ``(final params per seed, history per seed)``.
+    ``(final params per seed, history per seed, pruning masks per seed)``, the masks
+    None when ``tx`` holds no pruning wrapper.
   """
   t = config.train
   forward = training.multitask_forward(_model(model_cfg).apply)
   if teacher is None:
-    loss_fn, teacher_forward = training.task_losses, None
+    weights = dict(t.get("task_weights", {}))
+    loss_fn = lambda o, b: training.task_losses(o, b, weights)
+    teacher_forward = None
   else:
     kd = functools.partial(distillation.kd_loss, temperature=config.distill.temperature,
                            alpha=config.distill.alpha)
-    loss_fn = lambda o, b, tv: training.kd_task_losses(o, b, tv, kd)
+    weights = dict(t.get("task_weights", {}))
+    loss_fn = lambda o, b, tv: training.kd_task_losses(o, b, tv, kd, weights)
     teacher_forward = training.multitask_forward(_model(teacher[0]).apply)
   mesh = parallel.make_mesh(t.num_devices)
   data_fn = parallel.shard_data_fn(_data_fn(config, setup), mesh, t.batch_size)
   # Skip (and count) updates from non-finite gradients; the loop stops a run that keeps
   # producing them (train.max_nonfinite in a row), so NaN never reaches the weights.
-  tx = optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30)
+  txs = [optax.apply_if_finite(x, max_consecutive_errors=2 ** 30)
+         for x in (tx if isinstance(tx, list) else [tx] * len(inits))]
+  tx = txs[0]
   sweep = len(inits) > 1
   group = lambda trees: training.stack(trees) if sweep else trees[0]
-  state = group([training.create_train_state(p, tx, k) for p, k in zip(inits, keys)])
+  state = group([training.create_train_state(p, x, k) for p, x, k in zip(inits, txs, keys)])
   state = parallel.replicate(state, mesh)
   step_args = () if teacher is None else (parallel.replicate({"params": group(teacher[1])},
                                                              mesh),)
@@ -123,7 +142,10 @@ def _train(config, setup, name, model_cfg, inits, tx, steps, keys, ckpt_dir, tea
   histories = [_member_history(history, i) for i in range(len(inits))] if sweep else [history]
   for p in finals:
     _check_finite(p, name)
-  return finals, histories
+  masks = carried_masks(jax.device_get(state.opt_state))
+  masks = [None] * len(inits) if masks is None else (
+      training.unstack(masks) if sweep else [masks])
+  return finals, histories, masks
 
 
 def _member_history(history, i):
@@ -139,82 +161,43 @@ def _check_finite(params, name):
                              f"lower the learning rate")
 
 
-def float_nbytes(params: Any) -> int:
-  """Bytes of a float32 model as the export stores it (sparse tensors as bitmask + values)."""
-  return quantization.nbytes(quantization.export(params, None))
-
-
-def measure(config: Any, setup: Setup, model_cfg: Any, params: Any, eval_batches: list,
-            quantized: bool) -> dict[str, Any]:
-  """Every metric of one model on the fixed evaluation batches (the same code for all)."""
-  model = _model(model_cfg)
-  predict = training.make_predict_fn(training.multitask_forward(model.apply))
-  e = config.eval
-  ev = training.evaluate(predict, {"params": params}, eval_batches,
-                         modulation=setup.channel.modulation,
-                         num_classes=len(setup.channel.modulations), snr_edges=tuple(e.snr_edges))
-  nbytes = ((lambda p: quantization.nbytes(quantization.export(p, setup.spec)))
-            if quantized else float_nbytes)
-  first_task = sorted(eval_batches[0])[0]
-  sample = eval_batches[0][first_task].iq[:e.latency_batch]
-  cost = training.model_cost(model.apply, {"params": params}, sample, nbytes_fn=nbytes,
-                             repeats=e.latency_repeats)
-  rec = {"params_total": cost["params"], "params_nonzero": cost["nonzero"],
-         "bytes": cost["bytes"], "flops": cost["flops"], "latency_ms": cost["latency_ms"],
-         "sparsity": _kernel_sparsity(params), "bits": setup.spec.bits if quantized else 32}
-  if "modulation" in ev:
-    m = ev["modulation"]
-    rec.update(accuracy=m["accuracy"], f1=m["macro_f1"], precision=m["macro_precision"],
-               recall=m["macro_recall"], confusion=m["confusion"])
-  if "symbols" in ev:
-    s = ev["symbols"]
-    rec.update(ser_mean=s["ser"], ber_mean=s["ber"],
-               ser={"snr_db": s["ser_by_snr"]["snr_db"], "model": s["ser_by_snr"]["rate"]})
-  if "channel" in ev:
-    rec.update(nmse_db=ev["channel"]["nmse_db"])
-  rec["eval"] = ev
-  return rec
-
-
-def _kernel_sparsity(params: Any) -> float:
-  """Fraction of zeros over the kernels the transforms select by default."""
-  flags = jax.tree.leaves(selection.select(params))
-  leaves = jax.tree.leaves(params)
-  kernels = [np.asarray(x) for x, on in zip(leaves, flags) if on]
-  total = sum(k.size for k in kernels)
-  return float(sum(k.size - np.count_nonzero(k) for k in kernels) / max(total, 1))
-
-
-def _load_or_run(stage_dirs: list[str], targets: list[Any], run_fn
-                 ) -> tuple[list[Any], list[list[dict]]]:
+def _load_or_run(stage_dirs: list[str], targets: list[Any], run_fn,
+                 mask_targets: list[Any] | None = None
+                 ) -> tuple[list[Any], list[list[dict]], list[Any]]:
   """Restores a stage finished for every seed of the group, or runs it and saves it.
 
   Args:
     stage_dirs: the stage's directory per seed.
     targets: pytrees with the saved params' structure, per seed.
-    run_fn: ``run_fn() -> (params per seed, history per seed)``.
+    run_fn: ``run_fn() -> (params, history, pruning masks or None)``, each per seed.
+    mask_targets: the structure of the stage's saved masks per seed (a prune stage's),
+      or None when it saves none.
 
   Returns:
-    ``(params per seed, history per seed)``.
+    ``(params, history, masks)`` per seed (masks None where none are saved).
   """
   ckpts = [os.path.join(d, "params") for d in stage_dirs]
   if all(checkpoint.exists(c) for c in ckpts):
-    params, histories = [], []
-    for d, c, target in zip(stage_dirs, ckpts, targets):
+    params, histories, masks = [], [], []
+    for i, (d, c, target) in enumerate(zip(stage_dirs, ckpts, targets)):
       logging.info("restoring finished stage %s", d)
       with checkpoint.quiet_logs():
         params.append(jax.device_get(checkpoint.restore(c, target)))
+        masks.append(None if mask_targets is None else jax.device_get(
+            checkpoint.restore(os.path.join(d, "masks"), mask_targets[i])))
       with open(os.path.join(d, "history.json")) as f:
         histories.append(json.load(f))
-    return params, histories
-  params, histories = run_fn()
-  for d, c, p, h in zip(stage_dirs, ckpts, params, histories):
+    return params, histories, masks
+  params, histories, masks = run_fn()
+  for d, c, p, h, m in zip(stage_dirs, ckpts, params, histories, masks):
     if not checkpoint.exists(c):  # a seed finished earlier keeps its files
       with checkpoint.quiet_logs():
-        checkpoint.save(c, p)
+        if m is not None and mask_targets is not None:
+          checkpoint.save(os.path.join(d, "masks"), m)
+        checkpoint.save(c, p)      # last: its presence marks the stage finished
       if parallel.is_main_process():
         reporting.write_json(os.path.join(d, "history.json"), h)
-  return params, histories
+  return params, histories, masks
 
 
 def _record(stage_dir: str, name: str, measure_fn) -> dict[str, Any]:
@@ -253,21 +236,39 @@ def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
   teacher_init = [iq_transformer.init_params(setup.teacher, k) for k in init_keys]
   tx = _optimizer(t.learning_rate, t.steps, t.weight_decay, t.warmup_steps)
   teacher_dirs = [os.path.join(r, "teacher") for r in roots]
-  teachers, histories = _load_or_run(teacher_dirs, teacher_init, lambda: _train(
+  teachers, histories, _ = _load_or_run(teacher_dirs, teacher_init, lambda: _train(
       config, setup, f"{tag} teacher", setup.teacher, teacher_init, tx, t.steps,
       list(train_keys), ckpt_root("teacher")))
-  with_refs = lambda rec: {**rec, "ser": {**rec.get("ser", {}), **refs}} if "ser" in rec else rec
+  def with_refs(rec):
+    if "ser" in rec:
+      rec = {**rec, "ser": {**rec["ser"], **refs["ser"]}}
+    if "accuracy_curve" in rec:
+      rec = {**rec, "accuracy_curve": {**rec["accuracy_curve"], **refs["accuracy"]}}
+    return rec
+
   records = [[with_refs(_record(d, "teacher", lambda p=p, h=h: {**measure(
       config, setup, setup.teacher, p, eval_batches, quantized=False),
       "nonfinite_steps": _nonfinite(h)}))]
              for d, p, h in zip(teacher_dirs, teachers, histories)]
+  # A stage is run once per distinct prefix of stages: "prune" is the first stage of
+  # "prune,quantize,distill" too, and its row is shared (its randomness comes from the
+  # prefix, not the pipeline's name).
+  done = {}
   for name, stages in setup.pipelines.items():
     params, model_cfg, kinds = teachers, setup.teacher, ()
+    # The prune stage's masks, carried as state into every later stage (never re-derived).
+    masks = [None] * len(seeds)
     for i, stage in enumerate(stages):
       label = f"{name}/{i + 1}_{stage.kind}" + (f":{stage.option}" if stage.option else "")
+      prefix = ",".join(f"{x.kind}:{x.option or ''}" for x in stages[:i + 1])
+      if prefix in done:
+        params, masks, model_cfg, kinds, recs = done[prefix]
+        for rec, r in zip(records, recs):
+          rec.append({**r, "name": label, "same_as": r["name"]})
+        continue
       rel = os.path.join(name, f"{i + 1}_{stage.kind}")
       stage_dirs = [os.path.join(r, rel) for r in roots]
-      keys_i = [jax.random.fold_in(k, zlib.crc32(label.encode()) % (2 ** 31))
+      keys_i = [jax.random.fold_in(k, zlib.crc32(prefix.encode()) % (2 ** 31))
                 for k in stage_keys]
       c = config[stage.kind]
       steps, opt = c.steps, _optimizer(c.learning_rate, max(c.steps, 1), t.weight_decay)
@@ -279,46 +280,49 @@ def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
           model_cfg = setup.student
           params = [iq_transformer.init_params(model_cfg, jax.random.fold_in(k, 1))
                     for k in keys_i]
+          masks = [None] * len(seeds)   # another architecture: its own masks at step 0
           steps = t.steps
           opt = _optimizer(t.learning_rate, t.steps, t.weight_decay, t.warmup_steps)
       fresh = stage.kind if stage.kind in ("prune", "quantize") else None
       kinds = kinds + ((stage.kind,) if fresh else ())
-      tx = compose(opt, kinds, config, setup, fresh=fresh, steps=steps)
+      txs = [compose(opt, kinds, config, setup, fresh=fresh, steps=steps, masks=m)
+             for m in masks]
       start, cfg_i = params, model_cfg
       if stage.kind == "quantize" and c.steps == 0:
-        run = lambda start=start, kinds=kinds: ([jax.device_get(quantization.quantize_tree(
-            _start_on_constraints(p, kinds[:-1], config, setup), setup.spec))
-                                                 for p in start], [[] for _ in start])
+        run = lambda start=start, kinds=kinds, masks=masks: (
+            [jax.device_get(quantization.quantize_tree(
+                _start_on_constraints(p, kinds[:-1], config, setup, m), setup.spec))
+             for p, m in zip(start, masks)], [[] for _ in start], masks)
       else:
-        run = lambda start=start, cfg_i=cfg_i, tx=tx, steps=steps, tp=teacher_pair, \
+        run = lambda start=start, cfg_i=cfg_i, txs=txs, steps=steps, tp=teacher_pair, \
             keys_i=keys_i, rel=rel, label=label: _train(
-                config, setup, f"{tag} {label}", cfg_i, start, tx, steps, keys_i,
+                config, setup, f"{tag} {label}", cfg_i, start, txs, steps, keys_i,
                 ckpt_root(rel), tp)
-      params, histories = _load_or_run(stage_dirs, start, run)
+      mask_targets = None
+      if stage.kind == "prune":
+        mask_targets = [carried_masks(compose(optax.identity(), ("prune",), config,
+                                              setup).init(p)) for p in start]
+      params, histories, stage_masks = _load_or_run(stage_dirs, start, run, mask_targets)
+      if stage.kind == "prune":
+        masks = stage_masks
       quantized = "quantize" in kinds
       for rec, d, p, h in zip(records, stage_dirs, params, histories):
         rec.append(with_refs(_record(d, label, lambda p=p, h=h, m=model_cfg, q=quantized: {
             **measure(config, setup, m, p, eval_batches, q), "nonfinite_steps": _nonfinite(h)})))
+      done[prefix] = (params, masks, model_cfg, kinds, [rec[-1] for rec in records])
   for seed, recs in zip(seeds, records):
     for r in recs:
       r["seed"] = seed
   return [r for recs in records for r in recs]
 
 
-def _start_on_constraints(params, kinds, config, setup):
-  """Params after one zero-gradient step of the constraint stack (masks re-derived)."""
+def _start_on_constraints(params, kinds, config, setup, masks=None):
+  """Params after one zero-gradient step of the constraint stack (``masks`` carried)."""
   if not kinds:
     return params
-  tx = compose(optax.sgd(0.0), kinds, config, setup)
+  tx = compose(optax.sgd(0.0), kinds, config, setup, masks=masks)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   return optax.apply_updates(params, updates)
-
-
-def reference_curves(config: Any, setup: Setup, eval_batches: list) -> dict[str, Any]:
-  """SER-vs-SNR curves of the classical receivers on the evaluation frames."""
-  refs = training.reference_receivers(
-      eval_batches, modulation=setup.channel.modulation, snr_edges=tuple(config.eval.snr_edges))
-  return {name: r["ser_by_snr"]["rate"] for name, r in refs.items()}
 
 
 def run(config: Any, workdir: str) -> list[dict[str, Any]]:
@@ -330,11 +334,8 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   setup = validate(config)
   os.makedirs(workdir, exist_ok=True)
   logging.info("devices: %s", jax.devices())
-  eval_fn = training.multitask_data_fn(setup.channel, config.eval.batch_size,
-                                       tuple(config.train.tasks))
-  eval_batches = training.make_eval_batches(eval_fn, jax.random.key(_EVAL_KEY),
-                                            config.eval.num_batches)
-  refs = reference_curves(config, setup, eval_batches) if "symbols" in config.train.tasks else {}
+  eval_batches = evaluation_set(config, setup)
+  refs = references(config, setup, eval_batches)
   seeds = tuple(config.seeds)
   groups = [seeds] if config.train.vmap_seeds else [(s,) for s in seeds]
   records = []
@@ -343,10 +344,13 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   teacher_bytes = {r["seed"]: r["bytes"] for r in records if r["name"] == "teacher"}
   for r in records:
     r["compression"] = teacher_bytes[r["seed"]] / r["bytes"]
-  table = reporting.aggregate(records) if len(config.seeds) > 1 else records
+  add_losses(records)
+  table = reporting.aggregate(records, COLUMNS) if len(config.seeds) > 1 else records
   if not parallel.is_main_process():
     return records
-  reporting.write_report(workdir, records, table=table,
+  reporting.write_json(os.path.join(workdir, "references.json"), refs)
+  reporting.write_report(workdir, records, table=table, columns=COLUMNS,
                          class_names=list(setup.channel.modulations),
-                         title=f"compressjax: seeds {tuple(config.seeds)}")
+                         title=f"compressjax: seeds {tuple(config.seeds)}",
+                         footer=footer(config, refs, records, table))
   return records

@@ -56,11 +56,13 @@ def markdown_table(records: Sequence[dict[str, Any]],
   return "\n".join([head, rule, *rows]) + "\n"
 
 
-def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def aggregate(records: Sequence[dict[str, Any]],
+              columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> list[dict[str, Any]]:
   """Groups records by ``name`` (first-seen order): mean and ``<key>_std`` over seeds.
 
-  Numeric table columns get their mean and (population) standard deviation; SER
-  curves are averaged point by point; confusion matrices are summed.
+  Numeric table columns get their mean and (population) standard deviation (a column
+  missing in any seed, e.g. an SNR the curve never reached, stays missing); SER and
+  accuracy curves are averaged point by point; confusion matrices are summed.
   """
   groups: dict[str, list[dict[str, Any]]] = {}
   for r in records:
@@ -68,18 +70,68 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   out = []
   for name, rs in groups.items():
     agg: dict[str, Any] = {"name": name, "seeds": len(rs)}
-    for key, _, _ in TABLE_COLUMNS[1:]:
+    for key, _, _ in columns[1:]:
       vals = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
       if len(vals) == len(rs):
         agg[key] = float(np.mean(vals))
         agg[key + "_std"] = float(np.std(vals))
-    if all(r.get("ser") for r in rs):
-      agg["ser"] = {k: (np.nanmean([_nan(r["ser"][k]) for r in rs], axis=0).tolist()
-                        if k != "snr_db" else rs[0]["ser"][k]) for k in rs[0]["ser"]}
+    for curve in ("ser", "accuracy_curve"):
+      if all(r.get(curve) for r in rs):
+        agg[curve] = {k: (np.nanmean([_nan(r[curve][k]) for r in rs], axis=0).tolist()
+                          if k != "snr_db" else rs[0][curve][k]) for k in rs[0][curve]}
     if all(r.get("confusion") is not None for r in rs):
       agg["confusion"] = np.sum([r["confusion"] for r in rs], axis=0).tolist()
     out.append(agg)
   return out
+
+
+def paired_difference(records: Sequence[dict[str, Any]], first: str, second: str,
+                      key: str, confidence: float = 0.95) -> dict[str, Any] | None:
+  """The paired difference ``first - second`` of ``key`` over the seeds both ran.
+
+  Pairs the two stage records of each seed (same teacher, same evaluation frames), and
+  gives the mean difference with its Student-t interval over seeds (n - 1 degrees of
+  freedom); with one seed there is no interval.
+
+  Args:
+    records: per-seed records with ``name``, ``seed`` and ``key``.
+    first: the record name of the first arm (e.g. "P-Q-KD/3_distill").
+    second: the second arm's name.
+    key: the metric.
+    confidence: the interval's level.
+
+  Returns:
+    ``{"mean", "lo", "hi", "n", "diffs"}`` (``lo``/``hi`` None for n < 2), or None when no
+    seed has both values.
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  by = {(r["name"], r["seed"]): r.get(key) for r in records}
+  seeds = sorted({r["seed"] for r in records})
+  diffs = [by[(first, s)] - by[(second, s)] for s in seeds
+           if isinstance(by.get((first, s)), (int, float))
+           and isinstance(by.get((second, s)), (int, float))]
+  if not diffs:
+    return None
+  d = np.asarray(diffs, np.float64)
+  out = {"mean": float(d.mean()), "lo": None, "hi": None, "n": int(d.size),
+         "diffs": d.tolist()}
+  if d.size >= 2:
+    half = stats.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)
+    out.update(lo=float(d.mean() - half), hi=float(d.mean() + half))
+  return out
+
+
+def verdict(diff: dict[str, Any] | None, first: str, second: str,
+            lower_is_better: bool) -> str:
+  """One sentence on a `paired_difference`: which arm wins, or that the data cannot tell."""
+  if diff is None:
+    return "not measured"
+  if diff["lo"] is None:
+    return f"one seed only ({diff['mean']:+.3g}): run 2 or more seeds to tell"
+  if diff["lo"] <= 0 <= diff["hi"]:
+    return "the data cannot tell (the interval holds 0)"
+  first_lower = diff["hi"] < 0
+  return f"{first if first_lower == lower_is_better else second} wins"
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -109,7 +161,8 @@ def _curve(values: Sequence[Any]) -> np.ndarray:
 
 
 def plot_ser(records: Sequence[dict[str, Any]], path: str) -> None:
-  """SER against SNR: every stage's model, and the classical references once."""
+  """SER against SNR: every stage's model (with its 95% interval when the record has one,
+  ``ser_interval``), and the classical references once."""
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   refs_drawn = False
   for r in records:
@@ -117,7 +170,11 @@ def plot_ser(records: Sequence[dict[str, Any]], path: str) -> None:
     if not ser:
       continue
     snr = ser["snr_db"]
-    ax.semilogy(snr, _curve(ser["model"]), marker="o", ms=3, label=r["name"])
+    line, = ax.semilogy(snr, _curve(ser["model"]), marker="o", ms=3, label=r["name"])
+    band = r.get("ser_interval")
+    if band:
+      ax.fill_between(snr, _curve(band["lo"]), _curve(band["hi"]), color=line.get_color(),
+                      alpha=0.12, lw=0)
     if not refs_drawn:
       for ref, style in (("ls", ":"), ("lmmse", "-."), ("perfect_csi", "--")):
         if ref in ser:
@@ -126,6 +183,29 @@ def plot_ser(records: Sequence[dict[str, Any]], path: str) -> None:
   ax.set_xlabel("SNR Es/N0 (dB)")
   ax.set_ylabel("symbol error rate")
   ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_accuracy(records: Sequence[dict[str, Any]], path: str) -> None:
+  """Modulation accuracy against SNR: every stage, and the known-channel classifier once."""
+  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  ref_drawn = False
+  for r in records:
+    acc = r.get("accuracy_curve")
+    if not acc:
+      continue
+    ax.plot(acc["snr_db"], _nan(acc["model"]), marker="o", ms=3, label=r["name"])
+    if not ref_drawn and "known_channel" in acc:
+      ax.plot(acc["snr_db"], _nan(acc["known_channel"]), "k--",
+              label="classifier that knows the channel (reference)")
+      ref_drawn = True
+  ax.set_xlabel("SNR Es/N0 (dB)")
+  ax.set_ylabel("modulation accuracy")
+  ax.set_ylim(0, 1.02)
+  ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -212,6 +292,8 @@ def write_report(workdir: str, records: Sequence[dict[str, Any]],
     f.write(markdown_table(records, columns) + footer)
   if any(r.get("ser") for r in records):
     plot_ser(records, os.path.join(workdir, "ser_vs_snr.png"))
+  if any(r.get("accuracy_curve") for r in records):
+    plot_accuracy(records, os.path.join(workdir, "accuracy_vs_snr.png"))
   plot_pareto(records, os.path.join(workdir, "pareto.png"))
   final = records[-1] if records else {}
   if final.get("confusion") is not None:

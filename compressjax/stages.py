@@ -20,7 +20,7 @@ from compressjax.channels import ChannelConfig
 from compressjax.channels import constellations
 from compressjax.models import iq_transformer
 
-STAGES = ("prune", "quantize", "distill")
+STAGES = ("prune", "quantize", "distill", "finetune")
 DISTILL_STUDENTS = ("inherit", "small")
 
 
@@ -70,7 +70,10 @@ def _model_config(c: Any, channel: ChannelConfig, field: str) -> Any:
   try:
     return iq_transformer.IQTransformerConfig(
         **dict(c), seq_len=channel.seq_len, num_classes=len(channel.modulations),
-        num_symbols=constellations.order(channel.modulation), num_taps=channel.tap_count)
+        num_symbols=constellations.order(channel.modulation), num_taps=channel.tap_count,
+        num_pilots=channel.num_pilots,
+        # The front end's LMMSE prior: the deployment's mean tap powers.
+        tap_powers=tuple(channel.tap_powers) if c.get("frontend") == "pilots" else None)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{field}: {e}") from None
 
@@ -120,6 +123,15 @@ def validate(config: Any) -> Setup:
     training.multitask.check_tasks(t.tasks)
   except ValueError as e:
     raise ValueError(f"train.{e}") from None
+  w = t.get("task_weights", {})
+  _check(all(k in training.multitask.TASKS for k in w)
+         and all(isinstance(v, (int, float)) and v >= 0 and np.isfinite(v) for v in w.values()),
+         "train.task_weights", dict(w), f"a dict from tasks {training.multitask.TASKS} to "
+         "finite weights >= 0")
+  for field, m in (("teacher", teacher), ("student", student)):
+    _check(m.frontend == "raw" or "modulation" not in t.tasks or channel.modulation_pilots,
+           f"{field}.frontend", m.frontend, "'raw' when the modulation task is blind "
+           "(the 'pilots' front end needs channel.modulation_pilots=True)")
   for name in ("train",) + STAGES:
     lr = config[name].learning_rate
     _check(isinstance(lr, (int, float)) and lr > 0 and np.isfinite(lr),
@@ -146,11 +158,20 @@ def validate(config: Any) -> Setup:
   _check(isinstance(d.alpha, (int, float)) and 0 <= d.alpha <= 1, "distill.alpha",
          d.alpha, "a number in [0, 1]")
   e = config.eval
-  for f in ("batch_size", "num_batches", "latency_batch", "latency_repeats"):
+  for f in ("batch_size", "frames_per_point", "latency_batch", "latency_repeats"):
     _check(_is_int(e[f], 1), f"eval.{f}", e[f], "an int >= 1")
-  edges = tuple(e.snr_edges)
-  _check(len(edges) >= 2 and all(a < b for a, b in zip(edges, edges[1:])),
-         "eval.snr_edges", e.snr_edges, "at least two increasing numbers")
+  _check(e.frames_per_point % e.batch_size == 0, "eval.frames_per_point", e.frames_per_point,
+         f"a multiple of eval.batch_size={e.batch_size}")
+  points = tuple(e.snr_points)
+  _check(len(points) >= 2 and all(isinstance(p, (int, float)) and np.isfinite(p)
+                                  for p in points)
+         and all(a < b for a, b in zip(points, points[1:])),
+         "eval.snr_points", e.snr_points, "at least two increasing finite numbers (dB)")
+  _check(isinstance(e.high_snr_db, (int, float)), "eval.high_snr_db", e.high_snr_db,
+         "a number (dB)")
+  compare = tuple(config.get("compare", ()))
+  _check(len(compare) in (0, 2) and all(c in config.pipelines for c in compare), "compare",
+         compare, f"() or two pipeline names from {tuple(config.pipelines)}")
   pipelines = {}
   for name, text in config.pipelines.items():
     _check(isinstance(text, str), f"pipelines.{name}", text,

@@ -30,13 +30,18 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       modulations=("bpsk", "qpsk", "psk8", "qam16", "qam64"),
       seq_len=256 if full else 64,
       num_pilots=16 if full else 8,
+      # Every frame opens with the preamble, the modulation task's too (a real burst
+      # carries it for synchronization); the payload's modulation stays unknown.
+      modulation_pilots=True,
       profile="inf_los",
-      k_factor_db=7.0,          # ignored by "inf_los" (it fixes its own); used by others
-      delay_spread_ns=53.0,     # likewise
+      # Used by the "flat" and "exponential" profiles; "inf_los" fixes its own (K = 7 dB,
+      # ~53 ns) and warns when these are moved from ChannelConfig's defaults.
+      k_factor_db=10.0,
+      delay_spread_ns=50.0,
       sample_rate_hz=20e6,
       num_taps=4,               # taps the channel head regresses (profile truncated to it)
       doppler_hz=200.0,         # ~ walking speed at 28 GHz, or a slow AGV at 5 GHz
-      snr_db=(0.0, 25.0),
+      snr_db=(0.0, 30.0),       # drawn per training example; evaluation: eval.snr_points
       snr_type="es_n0",
   ))
 
@@ -48,6 +53,9 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       mlp_dim=1024 if full else (64 if tiny else 128),
       patch=4 if tiny else 2,   # 2 samples per token: ~2x the cost of 4, far lower SER
       positions="learned",
+      # The receiver's fixed front end: "pilots" feeds LS taps, a noise estimate and the
+      # LMMSE-equalized symbols beside the raw I/Q (channels/frontend.py); "raw" only I/Q.
+      frontend="pilots",
   ))
   # The smaller architecture that a "distill:small" stage trains.
   c.student = ml_collections.ConfigDict(dict(
@@ -58,6 +66,7 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       mlp_dim=512 if full else (32 if tiny else 64),
       patch=2 if full else 4,
       positions="learned",
+      frontend="pilots",
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -67,6 +76,9 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       warmup_steps=1000 if full else (5 if tiny else 100),
       weight_decay=1e-4,
       tasks=("modulation", "symbols", "channel"),
+      # Loss weight per task (missing: 1). The symbol task's loss ends smallest and its
+      # errors matter most to the link, so it gets twice the pull on the shared network.
+      task_weights=dict(symbols=2.0),
       log_every=1000 if full else (10 if tiny else 100),
       # Scale: devices used for data parallelism (0 = every device JAX sees, on every
       # host); several seeds can train as one vmapped program instead of one by one.
@@ -106,15 +118,28 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       temperature=4.0,
       alpha=0.5,                # weight of the soft-target term (Hinton et al., 2015)
   ))
+  # "finetune" trains the running model further with the plain task loss, keeping every
+  # earlier constraint: the control that separates extra training from compression (as
+  # many steps as a three-stage pipeline's).
+  c.finetune = ml_collections.ConfigDict(dict(
+      steps=3 * stage_steps,
+      learning_rate=3e-4,
+  ))
+  # Every stage and the classical references are measured on the same frames: at each
+  # Es/N0 point, frames_per_point frames per task (the 95% intervals count frames).
   c.eval = ml_collections.ConfigDict(dict(
-      batch_size=128 if tiny else 512,   # frames per task per evaluation batch
-      num_batches=1 if tiny else 2,
-      snr_edges=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+      snr_points=tuple(2.5 * i for i in range(13)),   # 0, 2.5, ..., 30 dB
+      frames_per_point=32 if tiny else (2048 if full else 512),
+      batch_size=32 if tiny else 256,   # frames per task per evaluation batch
+      high_snr_db=15.0,         # "mod. acc >= hi" averages the points at or above this
       latency_batch=64,
       latency_repeats=5 if tiny else 10,
   ))
+  # Two pipeline names whose final stages results.md compares seed by seed (paired
+  # differences with a 95% interval over seeds), e.g. ("P-Q-KD", "Q-P-KD").
+  c.compare = ()
   # name -> stages, comma-separated, run in order on the trained teacher. Stage names: prune,
-  # quantize, distill; "distill:small" distils into c.student, "distill" (or
+  # quantize, distill, finetune; "distill:small" distils into c.student, "distill" (or
   # "distill:inherit") into the running compressed model, keeping its constraints.
   c.pipelines = ml_collections.ConfigDict()
   return c

@@ -18,4 +18,7 @@ def get_config(size=None):
   c.pipelines["distill"] = "distill:small"
   c.pipelines["P-Q-KD"] = "prune,quantize,distill"
   c.pipelines["Q-P-KD"] = "quantize,prune,distill"
+  # The control: as many extra steps as the combined pipelines, no compression.
+  c.pipelines["control"] = "finetune"
+  c.compare = ("P-Q-KD", "Q-P-KD")
   return c

@@ -21,11 +21,16 @@ METRICS = ("accuracy", "f1", "precision", "recall", "confusion", "ser_mean", "be
            "flops", "latency_ms", "sparsity", "bits")
 
 
-def _config():
+def _config(**only):
+  """The tiny sweep with P-Q-KD and Q-P-KD, or with only the pipelines ``only`` names."""
   c = sweep.get_config("tiny")
   for name in list(c.pipelines):
-    if name not in ("P-Q-KD", "Q-P-KD"):
+    if only or name not in ("P-Q-KD", "Q-P-KD"):
       del c.pipelines[name]
+  for name, text in only.items():
+    c.pipelines[name] = text
+  if only:
+    c.compare = ()
   return c
 
 
@@ -111,7 +116,12 @@ def test_rerun_skips_finished_stages(run):
     ({"train.learning_rate": -1.0}, "train.learning_rate"),
     ({"teacher.patch": 3}, "teacher: seq_len must be a multiple"),
     ({"seeds": ()}, "seeds"),
-    ({"eval.snr_edges": (5.0, 0.0)}, "eval.snr_edges"),
+    ({"eval.snr_points": (5.0, 0.0)}, "eval.snr_points"),
+    ({"eval.frames_per_point": 33}, "eval.frames_per_point must be a multiple"),
+    ({"compare": ("P-Q-KD", "nope")}, "compare must be"),
+    ({"pipelines.x": "finetune:more"}, "takes no option"),
+    ({"teacher.frontend": "fft"}, "frontend must be one of"),
+    ({"channel.modulation_pilots": False}, "teacher.frontend must be 'raw'"),
     ({"train.tasks": ("modulation", "weather")}, "train.tasks must be distinct names"),
 ])
 def test_bad_config_is_rejected_naming_the_field(override, message):
@@ -150,13 +160,75 @@ def test_launch_rejects_a_workdir_that_is_a_file(tmp_path):
 
 @pytest.mark.slow
 def test_post_training_quantization_stage_keeps_the_pruned_zeros(tmp_path):
-  c = _config()
-  for name in list(c.pipelines):
-    del c.pipelines[name]
-  c.pipelines["PQ"] = "prune,quantize"
+  c = _config(PQ="prune,quantize")
   c.quantize.steps = 0  # PTQ: no training, the stack's constraints applied once
   records = {r["name"]: r for r in pipelines.run(c, str(tmp_path))}
   pruned, ptq = records["PQ/1_prune"], records["PQ/2_quantize"]
   assert ptq["sparsity"] >= c.prune.sparsity - 1e-3
   assert ptq["params_nonzero"] <= pruned["params_nonzero"]
   assert ptq["bits"] == 8 and ptq["bytes"] < pruned["bytes"]
+
+
+@pytest.mark.slow
+def test_report_answers_in_db_beside_the_references(run):
+  config, workdir, records = run
+  teacher = records[0]
+  assert teacher["name"] == "teacher" and teacher["loss_db_1e-01"] in (0.0, None)
+  points = list(config.eval.snr_points)
+  for r in records:
+    assert r["ser"]["snr_db"] == points and len(r["ser_interval"]["lo"]) == len(points)
+    assert all(lo <= m <= hi for lo, m, hi in zip(r["ser_interval"]["lo"], r["ser"]["model"],
+                                                  r["ser_interval"]["hi"]))
+    assert r["accuracy_curve"]["known_channel"] and r["ser_top"] == r["ser"]["model"][-1]
+    # The loss in dB is the stage's Es/N0 at the target minus the teacher's, when both exist.
+    for t in ("1e-01", "1e-02"):
+      if r[f"snr_at_{t}"] is not None and teacher[f"snr_at_{t}"] is not None:
+        assert r[f"loss_db_{t}"] == pytest.approx(r[f"snr_at_{t}"] - teacher[f"snr_at_{t}"])
+  refs = json.load(open(os.path.join(workdir, "references.json")))
+  assert set(refs["summary"]) == {"ls", "lmmse", "perfect_csi"}
+  text = open(os.path.join(workdir, "results.md")).read()
+  assert "| lmmse |" in text and "Paired differences P-Q-KD - Q-P-KD" in text
+  assert "one seed only" in text
+  assert os.path.getsize(os.path.join(workdir, "accuracy_vs_snr.png")) > 0
+
+
+@pytest.mark.slow
+def test_pipeline_carries_the_prune_stage_masks_to_every_later_stage(run):
+  # The set of pruned weights is the prune stage's, exactly, after quantize and distill
+  # (P-Q-KD), and stays pruned after distill when the prune stage ran on the grid (Q-P-KD).
+  import optax
+  from compressjax import stages
+  from compressjax.models import iq_transformer
+  config, workdir, _ = run
+  setup = pipelines.validate(config)
+  target = jax.eval_shape(lambda: iq_transformer.init_params(setup.teacher, jax.random.key(0)))
+  mask_target = stages.carried_masks(pipelines.compose(
+      optax.identity(), ("prune",), config, setup).init(target))
+  for pipeline, prune_dir in (("P-Q-KD", "1_prune"), ("Q-P-KD", "2_prune")):
+    saved = checkpoint.restore(os.path.join(workdir, "seed_0", pipeline, prune_dir, "masks"),
+                               mask_target)
+    _, final = _final_params(config, workdir, pipeline)
+    final = {jax.tree_util.keystr(p): np.asarray(x)
+             for p, x in jax.tree_util.tree_leaves_with_path(final)}
+    checked = 0
+    for path, keep in jax.tree_util.tree_leaves_with_path(saved):
+      x, pruned = final[jax.tree_util.keystr(path)], ~np.asarray(keep)
+      assert pruned.any() and np.all(x[pruned] == 0), path
+      if pipeline == "P-Q-KD":   # float weights when pruned: nothing else is exactly zero
+        np.testing.assert_array_equal(x == 0, pruned, err_msg=str(path))
+      checked += 1
+    assert checked >= 4
+
+
+@pytest.mark.slow
+def test_a_shared_stage_prefix_runs_once(tmp_path):
+  c = _config(prune="prune", PQ="prune,quantize", control="finetune")
+  c.finetune.steps = 5
+  records = {r["name"]: r for r in pipelines.run(c, str(tmp_path))}
+  shared = records["prune/1_prune"]
+  assert shared["same_as"] == "PQ/1_prune" and not os.path.exists(tmp_path / "seed_0" / "prune")
+  assert shared["ser"]["model"] == records["PQ/1_prune"]["ser"]["model"]
+  # The control is trained, uncompressed: fp32 bytes and no pruned weights.
+  control = records["control/1_finetune"]
+  assert control["bits"] == 32 and control["bytes"] == records["teacher"]["bytes"]
+  assert control["ser"]["model"] != records["teacher"]["ser"]["model"]

@@ -51,3 +51,36 @@ def test_aggregate_gives_mean_and_std_per_stage_over_seeds():
   assert agg[0]["confusion"] == [[3, 1], [0, 2]]
   np.testing.assert_allclose(agg[0]["ser"]["model"], [0.3, 0.1])  # an empty bin is skipped
   assert "| teacher | 0.7000 ± 0.1000 |" in reporting.markdown_table(agg)
+
+
+def _seeded(values_a, values_b, key="loss"):
+  recs = []
+  for s, (a, b) in enumerate(zip(values_a, values_b)):
+    recs += [{"name": "A/3", "seed": s, key: a}, {"name": "B/3", "seed": s, key: b}]
+  return recs
+
+
+def test_paired_difference_is_a_t_interval_over_seeds_by_hand():
+  # Differences 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.3027 -> 2 +- 4.3027 / sqrt(3).
+  d = reporting.paired_difference(_seeded([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]), "A/3", "B/3",
+                                  "loss")
+  half = 4.302652729911275 / np.sqrt(3)
+  np.testing.assert_allclose([d["mean"], d["lo"], d["hi"]], [2.0, 2.0 - half, 2.0 + half])
+  assert d["n"] == 3 and d["diffs"] == [1.0, 2.0, 3.0]
+  # A seed missing a value (None: e.g. a curve that never reached its target) is left out.
+  recs = _seeded([2.0, None, 6.0], [1.0, 2.0, 3.0])
+  assert reporting.paired_difference(recs, "A/3", "B/3", "loss")["n"] == 2
+  assert reporting.paired_difference(recs, "A/3", "B/3", "other") is None
+
+
+def test_verdict_follows_the_interval():
+  tight = reporting.paired_difference(_seeded([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]), "A/3", "B/3",
+                                      "loss")
+  assert reporting.verdict(tight, "A", "B", lower_is_better=True) == "A wins"
+  assert reporting.verdict(tight, "A", "B", lower_is_better=False) == "B wins"
+  wide = reporting.paired_difference(_seeded([1.0, 3.0, 0.0], [2.0, 1.0, 1.5]), "A/3", "B/3",
+                                     "loss")
+  assert "cannot tell" in reporting.verdict(wide, "A", "B", lower_is_better=True)
+  one = reporting.paired_difference(_seeded([1.0], [2.0]), "A/3", "B/3", "loss")
+  assert one["lo"] is None and "one seed only" in reporting.verdict(one, "A", "B", True)
+  assert reporting.verdict(None, "A", "B", True) == "not measured"

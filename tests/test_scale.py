@@ -31,6 +31,7 @@ def _config(pipelines_=None):
     del c.pipelines[name]
   for name, text in (pipelines_ or {}).items():
     c.pipelines[name] = text
+  c.compare = ()
   return c
 
 
@@ -132,7 +133,7 @@ def test_a_diverging_run_stops_with_a_clear_message_and_writes_no_weights(tmp_pa
     ({"train.num_devices": 9}, r"train.num_devices must be an int in \[0, 8\]"),
     ({"train.batch_size": 12}, "train.batch_size must be a multiple of the 8 devices"),
     ({"train.batch_size": 6, "train.num_devices": 4}, "multiple of the 4 devices"),
-    ({"eval.num_batches": 0}, "eval.num_batches must be an int >= 1"),
+    ({"eval.frames_per_point": 0}, "eval.frames_per_point must be an int >= 1"),
     ({"train.warmup_steps": 30}, "train.warmup_steps"),
     ({"train.max_nonfinite": 0}, "train.max_nonfinite"),
     # reliability / I/O

@@ -1,0 +1,230 @@
+"""Measuring a wireless stage: every metric on the fixed frames, the references, the report.
+
+Every model of a study, and the classical receivers beside it, is measured on the same
+frames: `evaluation_set` draws ``eval.frames_per_point`` frames per task at each Es/N0
+point of ``eval.snr_points`` from a fixed key. `measure` gives a stage's record (accuracy,
+F1, SER per point with its 95% interval, the Es/N0 at each of `SER_TARGETS`, NMSE, the
+real exported bytes, FLOPs, latency); `add_losses` turns the Es/N0 into a loss in dB
+against the seed's teacher; `references` runs LS, LMMSE, perfect CSI and the classifier
+that knows the channel; `COLUMNS` and `footer` make ``results.md``.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from compressjax import quantization
+from compressjax import reporting
+from compressjax import selection
+from compressjax import training
+from compressjax.models import iq_transformer
+from compressjax.stages import Setup
+
+_EVAL_KEY = 20261123  # fixed: every stage and every seed is measured on the same frames
+
+
+def _model(cfg):
+  return iq_transformer.IQTransformer(cfg)
+
+
+def float_nbytes(params: Any) -> int:
+  """Bytes of a float32 model as the export stores it (sparse tensors as bitmask + values)."""
+  return quantization.nbytes(quantization.export(params, None))
+
+
+SER_TARGETS = (1e-1, 1e-2)   # the SERs at which each receiver's Es/N0 is read off
+
+
+def snr_summary(snr_db: list, rates: list) -> dict[str, Any]:
+  """The Es/N0 (dB) at which a SER curve reaches each of `SER_TARGETS` (None: not reached)."""
+  return {f"snr_at_{t:.0e}": training.metrics.snr_at(snr_db, rates, t) for t in SER_TARGETS}
+
+
+def measure(config: Any, setup: Setup, model_cfg: Any, params: Any, eval_batches: list,
+            quantized: bool) -> dict[str, Any]:
+  """Every metric of one model on the fixed evaluation batches (the same code for all)."""
+  model = _model(model_cfg)
+  predict = training.make_predict_fn(training.multitask_forward(model.apply))
+  e = config.eval
+  edges = training.evaluation.point_edges(tuple(e.snr_points))
+  ev = training.evaluate(predict, {"params": params}, eval_batches,
+                         modulation=setup.channel.modulation,
+                         num_classes=len(setup.channel.modulations), snr_edges=edges)
+  nbytes = ((lambda p: quantization.nbytes(quantization.export(p, setup.spec)))
+            if quantized else float_nbytes)
+  first_task = sorted(eval_batches[0])[0]
+  sample = eval_batches[0][first_task].iq[:e.latency_batch]
+  cost = training.model_cost(model.apply, {"params": params}, sample, nbytes_fn=nbytes,
+                             repeats=e.latency_repeats)
+  rec = {"params_total": cost["params"], "params_nonzero": cost["nonzero"],
+         "bytes": cost["bytes"], "flops": cost["flops"], "latency_ms": cost["latency_ms"],
+         "sparsity": _kernel_sparsity(params), "bits": setup.spec.bits if quantized else 32}
+  if "modulation" in ev:
+    m = ev["modulation"]
+    by_snr = m["accuracy_by_snr"]
+    high = [a for p, a in zip(by_snr["snr_db"], by_snr["accuracy"])
+            if p >= e.high_snr_db and a is not None]
+    rec.update(accuracy=m["accuracy"], f1=m["macro_f1"], precision=m["macro_precision"],
+               recall=m["macro_recall"], confusion=m["confusion"],
+               accuracy_high_snr=float(np.mean(high)) if high else None,
+               accuracy_curve={"snr_db": by_snr["snr_db"], "model": by_snr["accuracy"]})
+  if "symbols" in ev:
+    s = ev["symbols"]["ser_by_snr"]
+    rec.update(ser_mean=ev["symbols"]["ser"], ber_mean=ev["symbols"]["ber"],
+               ser={"snr_db": s["snr_db"], "model": s["rate"]},
+               ser_interval={"lo": s["lo"], "hi": s["hi"]}, ser_top=s["rate"][-1],
+               **snr_summary(s["snr_db"], s["rate"]))
+  if "channel" in ev:
+    rec.update(nmse_db=ev["channel"]["nmse_db"])
+  rec["eval"] = ev
+  return rec
+
+
+def add_losses(records: list[dict[str, Any]]) -> None:
+  """Adds each record's loss in dB against its seed's teacher at each SER target.
+
+  ``loss_db_<t>`` = Es/N0 the stage needs for SER t minus what the teacher needs (positive:
+  the stage needs more SNR); None where either never reaches t on the evaluated points.
+  """
+  teachers = {r["seed"]: r for r in records if r["name"] == "teacher"}
+  for r in records:
+    t = teachers.get(r["seed"])
+    for target in SER_TARGETS:
+      key = f"snr_at_{target:.0e}"
+      ok = t is not None and r.get(key) is not None and t.get(key) is not None
+      r[f"loss_db_{target:.0e}"] = r[key] - t[key] if ok else None
+
+
+def _kernel_sparsity(params: Any) -> float:
+  """Fraction of zeros over the kernels the transforms select by default."""
+  flags = jax.tree.leaves(selection.select(params))
+  leaves = jax.tree.leaves(params)
+  kernels = [np.asarray(x) for x, on in zip(leaves, flags) if on]
+  total = sum(k.size for k in kernels)
+  return float(sum(k.size - np.count_nonzero(k) for k in kernels) / max(total, 1))
+
+def references(config: Any, setup: Setup, eval_batches: list) -> dict[str, Any]:
+  """The classical references on the evaluation frames.
+
+  Returns:
+    ``{"ser": {receiver: SER curve}, "summary": {receiver: {"ser_top", "snr_at_..."}},
+    "accuracy": {"known_channel": accuracy curve}, "accuracy_high_snr": {...}}`` for the
+    tasks the run trains.
+  """
+  e = config.eval
+  edges = training.evaluation.point_edges(tuple(e.snr_points))
+  out = {"ser": {}, "summary": {}, "accuracy": {}, "accuracy_high_snr": {}}
+  if "symbols" in config.train.tasks:
+    refs = training.reference_receivers(eval_batches, modulation=setup.channel.modulation,
+                                        snr_edges=edges,
+                                        tap_powers=setup.channel.tap_powers)
+    for name, r in refs.items():
+      curve = r["ser_by_snr"]
+      out["ser"][name] = curve["rate"]
+      out["summary"][name] = {"ser_top": curve["rate"][-1],
+                              **snr_summary(curve["snr_db"], curve["rate"])}
+  if "modulation" in config.train.tasks:
+    acc = training.evaluation.reference_classifier(
+        eval_batches, modulations=setup.channel.modulations, snr_edges=edges)["accuracy_by_snr"]
+    out["accuracy"]["known_channel"] = acc["accuracy"]
+    high = [a for p, a in zip(acc["snr_db"], acc["accuracy"]) if p >= e.high_snr_db]
+    out["accuracy_high_snr"]["known_channel"] = float(np.mean(high)) if high else None
+  return out
+
+
+def evaluation_set(config: Any, setup: Setup) -> list:
+  """The fixed evaluation frames: ``eval.frames_per_point`` per task at each SNR point."""
+  e = config.eval
+  tasks = tuple(config.train.tasks)
+  at = lambda snr: training.multitask_data_fn(
+      training.evaluation.with_snr(setup.channel, snr), e.batch_size, tasks)
+  return training.evaluation.snr_point_batches(at, jax.random.key(_EVAL_KEY),
+                                               tuple(e.snr_points),
+                                               e.frames_per_point // e.batch_size)
+
+# (record key, column title, format) of the wireless study's results.md.
+COLUMNS = (
+    ("name", "stage", "{}"),
+    ("accuracy", "mod. acc", "{:.3f}"),
+    ("accuracy_high_snr", "mod. acc >= hi", "{:.3f}"),
+    ("f1", "macro F1", "{:.3f}"),
+    ("ser_top", "SER @ top", "{:.4f}"),
+    ("snr_at_1e-01", "Es/N0 @ 1e-1", "{:.2f}"),
+    ("loss_db_1e-01", "loss dB @ 1e-1", "{:+.2f}"),
+    ("snr_at_1e-02", "Es/N0 @ 1e-2", "{:.2f}"),
+    ("loss_db_1e-02", "loss dB @ 1e-2", "{:+.2f}"),
+    ("nmse_db", "NMSE dB", "{:.2f}"),
+    ("params_nonzero", "non-zero", "{:,.0f}"),
+    ("bytes", "bytes", "{:,.0f}"),
+    ("compression", "x smaller", "{:.2f}"),
+    ("flops", "FLOPs", "{:.3g}"),
+    ("latency_ms", "latency ms", "{:.3f}"),
+)
+
+
+def _db(x):
+  return "not reached" if x is None else f"{x:.2f} dB"
+
+
+def footer(config: Any, refs: dict[str, Any], records: list[dict[str, Any]],
+           table: list[dict[str, Any]]) -> str:
+  """results.md below the table: the references, the teacher's gaps, the paired answer."""
+  e = config.eval
+  pts = tuple(e.snr_points)
+  lines = ["", f"Evaluated at Es/N0 = {pts[0]:g} to {pts[-1]:g} dB ({len(pts)} points, "
+           f"{e.frames_per_point} frames per task per point, the same frames for every row); "
+           f"'top' is {pts[-1]:g} dB, 'hi' is Es/N0 >= {e.high_snr_db:g} dB.", ""]
+  summary = refs.get("summary", {})
+  if summary:
+    lines += ["| reference | SER @ top | Es/N0 @ 1e-1 | Es/N0 @ 1e-2 |", "|---|---|---|---|"]
+    for name, r in summary.items():
+      lines.append(f"| {name} | {r['ser_top']:.4f} | {_db(r['snr_at_1e-01'])} | "
+                   f"{_db(r['snr_at_1e-02'])} |")
+    lines.append("")
+  acc = refs.get("accuracy_high_snr", {}).get("known_channel")
+  if acc is not None:
+    lines += [f"Modulation classifier that knows the channel: accuracy {acc:.3f} at "
+              f"Es/N0 >= {e.high_snr_db:g} dB.", ""]
+  teacher = next((r for r in table if r["name"] == "teacher"), None)
+  if teacher is not None and summary:
+    gaps = []
+    for ref in ("lmmse", "perfect_csi"):
+      for t in SER_TARGETS:
+        k = f"snr_at_{t:.0e}"
+        if teacher.get(k) is not None and summary.get(ref, {}).get(k) is not None:
+          gaps.append(f"{teacher[k] - summary[ref][k]:+.2f} dB vs {ref} at SER {t:g}")
+    if gaps:
+      lines += ["Teacher's gap (positive: it needs more Es/N0): " + "; ".join(gaps) + ".", ""]
+  pair = tuple(config.get("compare", ()))
+  if len(pair) == 2:
+    finals = {}
+    for name in pair + ("control",):
+      stages = config.pipelines.get(name)
+      if stages:
+        n = len([x for x in stages.split(",") if x.strip()])
+        last = [r["name"] for r in records if r["name"].startswith(f"{name}/{n}_")]
+        if last:
+          finals[name] = last[0]
+    if pair[0] in finals and pair[1] in finals:
+      a, b = finals[pair[0]], finals[pair[1]]
+      lines += [f"Paired differences {pair[0]} - {pair[1]} (same seed, same teacher; mean "
+                f"and 95% t-interval over seeds):", ""]
+      lines += ["| metric | mean | 95% interval | seeds | verdict |", "|---|---|---|---|---|"]
+      for key, label, lower in (("loss_db_1e-01", "loss dB @ SER 1e-1", True),
+                                ("loss_db_1e-02", "loss dB @ SER 1e-2", True),
+                                ("accuracy", "modulation accuracy", False),
+                                ("nmse_db", "channel NMSE dB", True)):
+        d = reporting.paired_difference(records, a, b, key)
+        if d is None:
+          continue
+        ci = "-" if d["lo"] is None else f"[{d['lo']:+.3f}, {d['hi']:+.3f}]"
+        lines.append(f"| {label} | {d['mean']:+.3f} | {ci} | {d['n']} | "
+                     f"{reporting.verdict(d, pair[0], pair[1], lower)} |")
+      lines.append("")
+      if "control" in finals:
+        lines.append(f"Control: '{finals['control']}' is the teacher fine-tuned uncompressed "
+                     f"for the same number of extra steps; its row separates what compression "
+                     f"costs from what extra training gives.")
+        lines.append("")
+  return "\n".join(lines)
