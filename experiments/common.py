@@ -70,7 +70,7 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      steps=20000 if full else (30 if tiny else 1000),
+      steps=20000 if full else (30 if tiny else 1500),
       batch_size=256 if full else (16 if tiny else 64),   # frames per task per step
       learning_rate=1e-3,
       warmup_steps=1000 if full else (5 if tiny else 100),
@@ -129,8 +129,8 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
   # Es/N0 point, frames_per_point frames per task (the 95% intervals count frames).
   c.eval = ml_collections.ConfigDict(dict(
       snr_points=tuple(2.5 * i for i in range(13)),   # 0, 2.5, ..., 30 dB
-      frames_per_point=32 if tiny else (2048 if full else 512),
-      batch_size=32 if tiny else 256,   # frames per task per evaluation batch
+      frames_per_point=32 if tiny else (2048 if full else 384),
+      batch_size=32 if tiny else (256 if full else 384),   # frames per task per eval batch
       high_snr_db=15.0,         # "mod. acc >= hi" averages the points at or above this
       latency_batch=64,
       latency_repeats=5 if tiny else 10,

@@ -27,7 +27,8 @@ Nothing here knows the true channel or the true noise: the features are what any
 can compute from the frame. The features per sample n, in this order (``C = 12 + 2 T``):
 
   0-1    Re, Im y[n]                     raw sample
-  2-3    Re, Im x_hat[n]                 MMSE-equalized symbol (with the estimated taps)
+  2-3    Re, Im x_hat[n]                 MMSE-equalized symbol (with the estimated taps;
+                                         magnitude clipped at `X_CLIP`)
   4-5    Re, Im x_hat[n]^2               its square and fourth power: the moments that
   6-7    Re, Im x_hat[n]^4 / 4           tell BPSK, QPSK, 8-PSK and QAM apart once pooled
   8      |x_hat[n]|^2                    (products a small network learns slowly)
@@ -48,6 +49,7 @@ from compressjax.channels import receivers
 
 FRONTENDS = ("raw", "pilots")
 _TINY = 1e-10
+X_CLIP = 2.0   # largest |x_hat| fed to the network (64-QAM's corner point is 1.53)
 # The FIR equalizer's (window, lookback) for T taps: 6 T samples, 2 T of them before the
 # symbol (the channel's first tap dominates, so past symbols are the ISI to cancel).
 _WINDOW = lambda num_taps: (6 * num_taps, 2 * num_taps)
@@ -209,6 +211,11 @@ def _frame_features(y: jax.Array, num_pilots: int, num_taps: int,
     cov = xm @ rxh + n0 * jnp.eye(num_pilots, dtype=xm.dtype)
     h = rxh @ cholesky_solve(cov, yp[:, None])[:, 0]
   x_hat, sinr = fir_mmse_equalize(y, h, n0, *_WINDOW(num_taps))
+  # The unbiased output is divided by mu, which is near 0 in a deep fade: its magnitude is
+  # clipped (phase kept) at X_CLIP, past every unit-energy constellation's largest point,
+  # so no feature (the fourth power above all) can blow a training step up.
+  mag = jnp.abs(x_hat)
+  x_hat = x_hat * jnp.minimum(1.0, X_CLIP / jnp.maximum(mag, _TINY))
   per_frame = jnp.concatenate([jnp.log10(n0)[None], jnp.real(h), jnp.imag(h)])
   seq = y.shape[0]
   pilot = (jnp.arange(seq) < num_pilots).astype(jnp.float32)

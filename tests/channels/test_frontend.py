@@ -168,3 +168,15 @@ def test_cholesky_solve_matches_numpy():
     b = rng.normal(size=(n, k)) + 1j * rng.normal(size=(n, k))
     got = frontend.cholesky_solve(jnp.asarray(a, jnp.complex64), jnp.asarray(b, jnp.complex64))
     np.testing.assert_allclose(np.asarray(got), np.linalg.solve(a, b), rtol=2e-3, atol=2e-3)
+
+
+def test_equalized_symbols_are_clipped_in_a_deep_fade():
+  # Frames at -30 dB: the estimated channel is noise, mu is tiny and the unbiased output
+  # huge; the features stay bounded (|x_hat| <= X_CLIP) and finite.
+  b = channels.simulate(jax.random.key(6), dataclasses.replace(CFG, snr_db=-30.0), 64,
+                        "symbols")
+  f = np.asarray(frontend.pilot_features(b.iq, P, T, tuple(float(p) for p in CFG.tap_powers)))
+  assert np.all(np.isfinite(f))
+  mag = np.abs(f[..., 2] + 1j * f[..., 3])
+  assert mag.max() <= frontend.X_CLIP * (1 + 1e-5)
+  assert np.abs(f[..., 6:8]).max() <= frontend.X_CLIP ** 4 / 4 * (1 + 1e-4)
