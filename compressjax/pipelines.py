@@ -207,6 +207,8 @@ def _record(stage_dir: str, name: str, measure_fn) -> dict[str, Any]:
     with open(path) as f:
       return json.load(f)
   rec = {"name": name, **measure_fn()}
+  logging.info("stage done: %s  %s", stage_dir, "  ".join(f"{k} {rec[k]:.4g}" for k in (
+      "ser_top", "accuracy", "nmse_db", "bytes") if isinstance(rec.get(k), (int, float))))
   if parallel.is_main_process():
     reporting.write_json(path, rec)
   return rec
