@@ -22,6 +22,7 @@ from compressjax.models import iq_transformer
 from compressjax.stages import Setup
 
 _EVAL_KEY = 20261123  # fixed: every stage and every seed is measured on the same frames
+SER_TARGETS = (1e-1, 1e-2)   # the SERs at which each receiver's Es/N0 is read off
 
 
 def _model(cfg):
@@ -31,9 +32,6 @@ def _model(cfg):
 def float_nbytes(params: Any) -> int:
   """Bytes of a float32 model as the export stores it (sparse tensors as bitmask + values)."""
   return quantization.nbytes(quantization.export(params, None))
-
-
-SER_TARGETS = (1e-1, 1e-2)   # the SERs at which each receiver's Es/N0 is read off
 
 
 def snr_summary(snr_db: list, rates: list) -> dict[str, Any]:
@@ -103,6 +101,7 @@ def _kernel_sparsity(params: Any) -> float:
   kernels = [np.asarray(x) for x, on in zip(leaves, flags) if on]
   total = sum(k.size for k in kernels)
   return float(sum(k.size - np.count_nonzero(k) for k in kernels) / max(total, 1))
+
 
 def references(config: Any, setup: Setup, eval_batches: list) -> dict[str, Any]:
   """The classical references on the evaluation frames.

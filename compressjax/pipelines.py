@@ -241,6 +241,7 @@ def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
   teachers, histories, _ = _load_or_run(teacher_dirs, teacher_init, lambda: _train(
       config, setup, f"{tag} teacher", setup.teacher, teacher_init, tx, t.steps,
       list(train_keys), ckpt_root("teacher")))
+
   def with_refs(rec):
     if "ser" in rec:
       rec = {**rec, "ser": {**rec["ser"], **refs["ser"]}}
