@@ -43,4 +43,6 @@ def test_readme_python_block_runs(line, code, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)  # e.g. a ChannelConfig field that is ignored
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})  # pylint: disable=exec-used
+    namespace = {"__name__": "__readme__"}
+    exec(compile(code, f"README.md:{line}", "exec"), namespace)  # pylint: disable=exec-used
+  assert len(namespace) > 2   # it ran to its end: every name the block binds is there
