@@ -87,3 +87,17 @@ def assert_params_close(got, want, rtol: float, atol: float) -> None:
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
     if not is_key_bias(path):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+def nan_gradient_step(make_tx, params):
+  """One update with all-NaN gradients: ``(new params unguarded, new params under
+  optax.apply_if_finite)``, ``make_tx()`` building the transform under test each time."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+  out = []
+  for tx in (make_tx(), optax.apply_if_finite(make_tx(), max_consecutive_errors=5)):
+    updates, _ = tx.update(grads, tx.init(params), params)
+    out.append(optax.apply_updates(params, updates))
+  return tuple(out)
