@@ -10,3 +10,7 @@ from compressjax.models.mobilenet_v2 import MobileNetV2
 from compressjax.models.resnet import ResNet
 from compressjax.models.resnet import resnet18
 from compressjax.models.mlp import MLP
+from compressjax.models.folding import batchnorm_pairs
+from compressjax.models.folding import fold_batchnorm
+from compressjax.models.folding import restore_batchnorm
+from compressjax.models.folding import strip_batchnorm
