@@ -29,8 +29,6 @@ sys.path.insert(0, _HERE)  # so config files can `from experiments import common
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "experiments", "sweep.py"),
     "Study config file (a path, optionally with ':size', e.g. ':full').", lock_config=True)
-# config.study -> the module whose validate(config) and run(config, workdir) run it.
-_STUDIES = {"wireless": "compressjax.pipelines", "vision": "compressjax.vision_pipeline"}
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "default"),
                                "Directory for checkpoints, metrics.json, results.md and plots.")
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -66,9 +64,10 @@ def main(argv):
   # Before JAX logs anything: its messages, orbax's and absl's go to WORKDIR/log.txt only.
   console.quiet_console(verbose=_VERBOSE.value or logging.get_verbosity() >= logging.DEBUG,
                         sources=[__file__])
-  study = config.get("study", "wireless")
-  if study not in _STUDIES:
-    raise app.UsageError(f"bad config: study must be one of {tuple(_STUDIES)}, got {study!r}")
+  from compressjax.studies import STUDIES  # pylint: disable=g-import-not-at-top
+  study = config.get("study")
+  if study not in STUDIES:
+    raise app.UsageError(f"bad config: study must be one of {tuple(STUDIES)}, got {study!r}")
   _check_workdir(_WORKDIR.value)
   # Before anything touches a device: every host then sees every device.
   from compressjax.training import parallel  # pylint: disable=g-import-not-at-top
@@ -78,7 +77,7 @@ def main(argv):
     raise app.UsageError(f"bad launch environment: {e}") from None
   if not parallel.is_main_process():
     logging.set_verbosity(logging.WARNING)  # one log, from process 0
-  pipeline = importlib.import_module(_STUDIES[study])
+  pipeline = importlib.import_module(STUDIES[study])
   try:
     pipeline.validate(config)  # every field, before any device work or file is written
   except ValueError as e:

@@ -16,11 +16,12 @@ _SUBMODULES = (
     "factorization",
     "lora",
     "models",
-    "pipelines",
     "pruning",
     "quantization",
     "reporting",
     "selection",
+    "stages",
+    "studies",
     "training",
 )
 

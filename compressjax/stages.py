@@ -30,6 +30,24 @@ class Stage(NamedTuple):
   option: str | None = None
 
 
+class PrunePlan(NamedTuple):
+  """A prune stage's settings (`pruning.wrap`'s arguments; ``schedule``: how it ramps).
+
+  Attributes:
+    sparsity: the target sparsity (None: the structure's own, e.g. 2:4).
+    score: a registered pruning score.
+    structure: a registered pruning structure.
+    scope: ``"layer"`` or ``"global"``.
+    schedule: ``"polynomial"`` (Zhu & Gupta, over the stage's first half) or
+      ``"one_shot"`` (at its first step).
+  """
+  sparsity: float | None = 0.5
+  score: str = "magnitude"
+  structure: str = "unstructured"
+  scope: str = "layer"
+  schedule: str = "polynomial"
+
+
 class Setup(NamedTuple):
   """What a config resolves to, validated before any work."""
   channel: ChannelConfig
@@ -37,6 +55,7 @@ class Setup(NamedTuple):
   student: iq_transformer.IQTransformerConfig
   pipelines: dict[str, tuple[Stage, ...]]
   spec: quantization.Spec
+  prune: PrunePlan
 
 
 def parse_stages(text: str, field: str = "pipelines") -> tuple[Stage, ...]:
@@ -139,14 +158,7 @@ def validate(config: Any) -> Setup:
   for name in STAGES:
     _check(_is_int(config[name].steps, 0 if name == "quantize" else 1), f"{name}.steps",
            config[name].steps, ">= 1 (quantize: >= 0, 0 is post-training quantization)")
-  p = config.prune
-  _check(p.schedule in ("polynomial", "one_shot"), "prune.schedule", p.schedule,
-         "one of ('polynomial', 'one_shot')")
-  # The wrapper validates sparsity, score, structure and scope; build one to ask it.
-  try:
-    _prune_tx(optax.sgd(0.0), p, pruning.one_shot(0))
-  except ValueError as e:
-    raise ValueError(f"prune.{e}") from None
+  prune = prune_plan(config.prune)
   try:
     spec = quantization.Spec(bits=config.quantize.bits, symmetric=config.quantize.symmetric,
                              granularity=config.quantize.granularity)
@@ -179,24 +191,38 @@ def validate(config: Any) -> Setup:
     stages = parse_stages(text, f"pipelines.{name}")
     _check(len(stages) > 0, f"pipelines.{name}", text, f"at least one stage of {STAGES}")
     pipelines[name] = stages
-  return Setup(channel, teacher, student, pipelines, spec)
+  return Setup(channel, teacher, student, pipelines, spec, prune)
 
 
-def _prune_tx(inner, p, schedule, masks=None):
+def prune_plan(p: Any) -> PrunePlan:
+  """Checks a config's ``prune`` block (errors name ``prune.<field>``); returns its plan."""
+  _check(p.schedule in ("polynomial", "one_shot"), "prune.schedule", p.schedule,
+         "one of ('polynomial', 'one_shot')")
+  plan = PrunePlan(p.sparsity, p.score, p.structure, p.scope, p.schedule)
+  # The wrapper validates sparsity, score, structure and scope; build one to ask it.
+  try:
+    _prune_tx(optax.sgd(0.0), plan, pruning.one_shot(0))
+  except ValueError as e:
+    raise ValueError(f"prune.{e}") from None
+  return plan
+
+
+def _prune_tx(inner, p: PrunePlan, schedule, masks=None, where=None):
   return pruning.wrap(inner, sparsity=p.sparsity, score=p.score, structure=p.structure,
-                      scope=p.scope, schedule=schedule, initial_masks=masks)
+                      scope=p.scope, schedule=schedule, initial_masks=masks,
+                      **({} if where is None else {"where": where}))
 
 
-def compose(inner: optax.GradientTransformation, kinds: tuple[str, ...], config: Any,
-            setup: Setup, fresh: str | None = None, steps: int = 0,
-            masks: Any = None) -> optax.GradientTransformation:
+def compose(inner: optax.GradientTransformation, kinds: tuple[str, ...], prune: PrunePlan,
+            spec: quantization.Spec, fresh: str | None = None, steps: int = 0,
+            masks: Any = None, where: Any = None) -> optax.GradientTransformation:
   """Stacks the wrappers of the constraint ``kinds`` around ``inner``, earliest innermost.
 
   Args:
     inner: the optimizer.
     kinds: constraint stages in order ("prune", "quantize").
-    config: the run config (sparsity, bits, ...).
-    setup: the resolved setup (the quantization spec).
+    prune: the prune stage's settings.
+    spec: the quantize stage's quantizer.
     fresh: the kind this stage introduces (its schedule runs over the stage); earlier
       kinds are re-applied at step 0 (the grid from the incoming weights; the masks
       from ``masks``, else re-derived by the stage's score, which keeps the pruned set
@@ -205,6 +231,8 @@ def compose(inner: optax.GradientTransformation, kinds: tuple[str, ...], config:
     masks: the prune stage's keep masks (`carried_masks` or `masks_from_params`),
       passed as ``initial_masks`` to every prune wrapper, so that no weight it pruned
       comes back and no other is pruned in its place; None re-derives them.
+    where: which parameters both wrappers act on (a path predicate); None: their
+      default (the kernels).
 
   Returns:
     The wrapped optimizer.
@@ -212,15 +240,14 @@ def compose(inner: optax.GradientTransformation, kinds: tuple[str, ...], config:
   tx = inner
   for kind in kinds:
     if kind == "prune":
-      p = config.prune
-      if kind == fresh and p.schedule == "polynomial":
+      if kind == fresh and prune.schedule == "polynomial":
         end = max(steps // 2, 1)
         schedule = pruning.polynomial(begin=0, end=end, every=max(end // 10, 1))
       else:
         schedule = pruning.one_shot(0)
-      tx = _prune_tx(tx, p, schedule, masks)
+      tx = _prune_tx(tx, prune, schedule, masks, where)
     elif kind == "quantize":
-      tx = quantization.wrap(tx, setup.spec)
+      tx = quantization.wrap(tx, spec, **({} if where is None else {"where": where}))
   return tx
 
 
@@ -240,7 +267,7 @@ def carried_masks(opt_state: Any) -> Any:
     return None
 
 
-def masks_from_params(params: Any, config: Any) -> Any:
+def masks_from_params(params: Any, prune: PrunePlan) -> Any:
   """Keep masks read off the prune stage's params: its pruned weights are its exact zeros.
 
   Exact on the output of a prune stage that runs on float weights (``prune`` before
@@ -251,13 +278,13 @@ def masks_from_params(params: Any, config: Any) -> Any:
 
   Args:
     params: the prune stage's final params.
-    config: the run config (its ``prune`` fields pick the pruned kernels).
+    prune: the prune stage's settings (they pick the pruned kernels).
 
   Returns:
     Masks for `compose` (``masks=``): ``params != 0`` at the pruned kernels, None
     elsewhere.
   """
-  state = _prune_tx(optax.identity(), config.prune, pruning.one_shot(0)).init(params)
+  state = _prune_tx(optax.identity(), prune, pruning.one_shot(0)).init(params)
 
   def mask(path, m, x):
     if isinstance(m, optax.MaskedNode) or not selection.default_where(

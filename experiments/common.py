@@ -17,6 +17,7 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
     raise ValueError(f"config size must be one of {SIZES}, got {size!r}")
   full, tiny = size == "full", size == "tiny"
   c = ml_collections.ConfigDict()
+  c.study = "wireless"  # launch.py dispatches to compressjax.studies.wireless.run
   c.seed = 0
   # Seeds of a sweep: the whole pipeline list runs once per seed; the table reports each
   # seed and the mean and standard deviation across them.

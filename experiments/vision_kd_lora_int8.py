@@ -1,14 +1,16 @@
-"""Vision study (issue 8): ResNet-18 teacher -> MobileNetV2 student, KD -> LoRA -> INT8.
+"""Vision study: ResNet-18 teacher -> MobileNetV2 student, KD -> LoRA -> INT8.
 
-Stages: teacher, student (labels only), distill (Hinton KD, T=4, alpha=0.3, Adam 1e-3), lora
-(adapters on the distilled student, merged), int8_weights / int8_dynamic / int8_static (PTQ);
-see `compressjax.vision_pipeline`.
+The teacher, then ``stages`` in order (data: reorder them, drop some, or add the wireless
+study's ``prune`` and ``quantize`` kinds): student (labels only, the baseline), distill
+(Hinton KD, T=4, alpha=0.3), lora (adapters on the distilled student, merged), then
+post-training INT8 of the weights, with activations in float / dynamic / static INT8;
+see `compressjax.studies.vision`.
 
   # Default "cpu" size: scikit-learn's bundled digits at 16x16, small widths (minutes, 2 cores).
   python launch.py --config=experiments/vision_kd_lora_int8.py --workdir=runs/vision
   # Without the launcher:
-  python -c "from experiments import vision_kd_lora_int8 as e; from compressjax import \
-vision_pipeline as v; v.run(e.get_config(), 'runs/vision')"
+  python -c "from experiments import vision_kd_lora_int8 as e; from compressjax.studies \
+import vision as v; v.run(e.get_config(), 'runs/vision')"
   # "full": the published widths on CIFAR-100 (or --config.dataset=cifar10), a GPU budget.
   # The archive (cifar-100-python.tar.gz, python version) is from
   # https://www.cs.toronto.edu/~kriz/cifar.html; data_dir is the file or its directory.
@@ -35,8 +37,16 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"config size must be one of {SIZES}, got {size!r}")
   full, tiny = size == "full", size == "tiny"
   c = ml_collections.ConfigDict()
-  c.study = "vision"  # launch.py dispatches to compressjax.vision_pipeline.run
+  c.study = "vision"  # launch.py dispatches to compressjax.studies.vision.run
   c.seeds = (0,)      # one run per seed; results.md shows mean ± std over several
+  # The student's stages after the teacher, in order, each from the previous one's model:
+  # student | distill | lora | prune | quantize (QAT at quantize.bits; quantize.steps=0 is
+  # post-training) | ptq:weights | ptq:dynamic | ptq:static (post-training INT8 weights,
+  # activations float / quantized per input / on calibrated ranges).
+  c.stages = "student,distill,lora,ptq:weights,ptq:dynamic,ptq:static"
+  # Pass marks of the final stage against the teacher, printed in results.md:
+  # (label, accuracy ratio >=, fraction of exported bytes saved >=).
+  c.targets = (("bar", 0.97, 0.90), ("thesis floor", 0.90, 0.75))
 
   # Data: "digits" (bundled with scikit-learn, no download), "cifar10", "cifar100",
   # "cifar100_coarse". CIFAR needs data_dir; digits needs none.
@@ -55,6 +65,10 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
       eval_every=1000 if full else (20 if tiny else 50),  # steps between validations
       log_every=200 if full else (20 if tiny else 25),
       num_devices=0,  # data parallelism over this many devices (0 = every device JAX sees)
+      checkpoint_every=0 if tiny else 100,  # steps between resumable checkpoints (0: none)
+      keep_checkpoints=2,
+      max_nonfinite=20,   # consecutive skipped non-finite steps that stop a run
+      vmap_seeds=False,   # train all seeds as one vmapped program
   ))
   # Steps per epoch: 45,000 / 128 = 351 on CIFAR; 1,257 / 64 = 19 on digits.
   # Teacher: ResNet-18, CIFAR variant; width 64 is the published model (11.2M parameters).
@@ -81,7 +95,7 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
                      5e-2 if full else 0.0, 1755 if full else (0 if tiny else 20),
                      temperature=4.0,
                      alpha=0.3,         # weight of the soft-target term (Hinton et al., 2015)
-                     init="scratch")
+                     init="scratch")    # scratch: the student's initialization | previous
   # LoRA on the distilled student: rank-r adapters on its conv/dense kernels (never the
   # depthwise ones, nor kernels narrower than r), trained alone, then merged.
   c.lora = _stage(5000 if full else (20 if tiny else 150), "adam", 1e-3 if full else 5e-4, 0.0,
@@ -90,7 +104,14 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
                   bn="frozen",          # frozen: BN in inference mode | update: batch stats
                   loss="kd",            # kd: the distillation loss again | ce: labels only
                   classifier=True)      # adapt the classifier too (if rank fits)
-  c.quantize = ml_collections.ConfigDict(dict(
+  # Pruning (the "prune" stage, not in the default stages): pruning.wrap's settings.
+  c.prune = _stage(20 if tiny else 150, "adam", 5e-4, 0.0, 0, loss="kd",
+                   sparsity=0.5, score="magnitude", structure="unstructured", scope="layer",
+                   schedule="polynomial")
+  # Quantization: the "quantize" stage's QAT (steps, optimizer, loss) and the bits, weight
+  # and activation quantizers that it and the "ptq:*" stages use.
+  c.quantize = _stage(
+      20 if tiny else 150, "adam", 2e-4, 0.0, 0, loss="kd",
       bits=8,
       granularity="channel",    # weights: one scale per output channel | tensor
       weight_method="minmax",   # weight clipping: minmax | percentile | mse
@@ -98,8 +119,7 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
       calib_method="minmax",    # static activation ranges: minmax | percentile | mse
       calib_batches=2 if tiny else 8,   # training batches (no augmentation) to calibrate on
       skip_depthwise=False,     # keep depthwise kernels in float
-      modes=("weights", "dynamic", "static"),
-  ))
+  )
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=64 if tiny else 256,
       latency_batch=64 if tiny else 1,   # tiny: the eval batch, so nothing compiles twice

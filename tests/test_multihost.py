@@ -12,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from compressjax import pipelines
+from compressjax.studies import wireless as pipelines
 from compressjax.models import iq_transformer
 from compressjax.training import checkpoint
 from experiments import baseline
@@ -46,7 +46,7 @@ def _teacher(workdir):
   config = baseline.get_config("tiny")
   setup = pipelines.validate(config)
   target = jax.eval_shape(lambda: iq_transformer.init_params(setup.teacher, jax.random.key(0)))
-  return jax.device_get(checkpoint.restore(os.path.join(workdir, "seed_0", "teacher", "params"),
+  return jax.device_get(checkpoint.restore(os.path.join(workdir, "seed_0", "teacher", "variables"),
                                            target))
 
 

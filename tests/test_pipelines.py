@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from compressjax import pipelines
 from compressjax import quantization
+from compressjax import stages
+from compressjax.studies import wireless
 from compressjax.training import checkpoint
 from experiments import sweep
 from tests import helpers
@@ -38,15 +39,15 @@ def _config(**only):
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   config = _config()
-  records = pipelines.run(config, workdir)
+  records = wireless.run(config, workdir)
   return config, workdir, records
 
 
 def _final_params(config, workdir, pipeline):
-  setup = pipelines.validate(config)
+  setup = wireless.validate(config)
   from compressjax.models import iq_transformer
   target = jax.eval_shape(lambda: iq_transformer.init_params(setup.teacher, jax.random.key(0)))
-  stage_dir = os.path.join(workdir, "seed_0", pipeline, "3_distill", "params")
+  stage_dir = os.path.join(workdir, "seed_0", pipeline, "3_distill", "variables")
   return setup, jax.device_get(checkpoint.restore(stage_dir, target))
 
 
@@ -91,9 +92,9 @@ def test_final_model_honours_every_constraint_and_bytes_come_from_export(run, pi
 @pytest.mark.slow
 def test_rerun_skips_finished_stages(run):
   config, workdir, records = run
-  ckpt = os.path.join(workdir, "seed_0", "Q-P-KD", "2_prune", "params")
+  ckpt = os.path.join(workdir, "seed_0", "Q-P-KD", "2_prune", "variables")
   before = os.path.getmtime(ckpt)
-  again = pipelines.run(config, workdir)
+  again = wireless.run(config, workdir)
   assert os.path.getmtime(ckpt) == before
   assert [r["accuracy"] for r in again] == [r["accuracy"] for r in records]
 
@@ -128,7 +129,7 @@ def test_bad_config_is_rejected_naming_the_field(override, message):
   c = _config()
   helpers.set_fields(c, override)
   with pytest.raises(ValueError, match=message):
-    pipelines.validate(c)
+    wireless.validate(c)
 
 
 def _launch(*args, cwd=ROOT):
@@ -162,7 +163,7 @@ def test_launch_rejects_a_workdir_that_is_a_file(tmp_path):
 def test_post_training_quantization_stage_keeps_the_pruned_zeros(tmp_path):
   c = _config(PQ="prune,quantize")
   c.quantize.steps = 0  # PTQ: no training, the stack's constraints applied once
-  records = {r["name"]: r for r in pipelines.run(c, str(tmp_path))}
+  records = {r["name"]: r for r in wireless.run(c, str(tmp_path))}
   pruned, ptq = records["PQ/1_prune"], records["PQ/2_quantize"]
   assert ptq["sparsity"] >= c.prune.sparsity - 1e-3
   assert ptq["params_nonzero"] <= pruned["params_nonzero"]
@@ -197,13 +198,12 @@ def test_pipeline_carries_the_prune_stage_masks_to_every_later_stage(run):
   # The set of pruned weights is the prune stage's, exactly, after quantize and distill
   # (P-Q-KD), and stays pruned after distill when the prune stage ran on the grid (Q-P-KD).
   import optax
-  from compressjax import stages
   from compressjax.models import iq_transformer
   config, workdir, _ = run
-  setup = pipelines.validate(config)
+  setup = wireless.validate(config)
   target = jax.eval_shape(lambda: iq_transformer.init_params(setup.teacher, jax.random.key(0)))
-  mask_target = stages.carried_masks(pipelines.compose(
-      optax.identity(), ("prune",), config, setup).init(target))
+  mask_target = stages.carried_masks(stages.compose(
+      optax.identity(), ("prune",), setup.prune, setup.spec).init(target))
   for pipeline, prune_dir in (("P-Q-KD", "1_prune"), ("Q-P-KD", "2_prune")):
     saved = checkpoint.restore(os.path.join(workdir, "seed_0", pipeline, prune_dir, "masks"),
                                mask_target)
@@ -224,7 +224,7 @@ def test_pipeline_carries_the_prune_stage_masks_to_every_later_stage(run):
 def test_a_shared_stage_prefix_runs_once(tmp_path):
   c = _config(prune="prune", PQ="prune,quantize", control="finetune")
   c.finetune.steps = 5
-  records = {r["name"]: r for r in pipelines.run(c, str(tmp_path))}
+  records = {r["name"]: r for r in wireless.run(c, str(tmp_path))}
   shared = records["prune/1_prune"]
   assert shared["same_as"] == "PQ/1_prune" and not os.path.exists(tmp_path / "seed_0" / "prune")
   assert shared["ser"]["model"] == records["PQ/1_prune"]["ser"]["model"]

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from compressjax import pipelines
+from compressjax.studies import wireless as pipelines
 from compressjax.models import iq_transformer
 from compressjax.training import checkpoint
 from experiments import sweep
@@ -38,7 +38,7 @@ def _config(pipelines_=None):
 def _params(workdir, seed, stage, config):
   setup = pipelines.validate(config)
   target = jax.eval_shape(lambda: iq_transformer.init_params(setup.teacher, jax.random.key(0)))
-  path = os.path.join(workdir, f"seed_{seed}", stage, "params")
+  path = os.path.join(workdir, f"seed_{seed}", stage, "variables")
   return jax.device_get(checkpoint.restore(path, target))
 
 
@@ -98,7 +98,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_params(tmp_path)
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == -signal.SIGKILL
-  assert not (killed / "seed_0" / "teacher" / "params").exists(), "the kill came too late"
+  assert not (killed / "seed_0" / "teacher" / "variables").exists(), "the kill came too late"
 
   resumed = subprocess.run(_launch_args(killed), cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
@@ -119,7 +119,7 @@ def test_a_diverging_run_stops_with_a_clear_message_and_writes_no_weights(tmp_pa
   c.train.max_nonfinite = 3
   with pytest.raises(FloatingPointError, match="diverged"):
     pipelines.run(c, str(tmp_path))
-  assert not (tmp_path / "seed_0" / "teacher" / "params").exists()
+  assert not (tmp_path / "seed_0" / "teacher" / "variables").exists()
   assert not (tmp_path / "metrics.json").exists()
 
 

@@ -61,19 +61,19 @@ def test_prune_quantize_distill_carries_the_prune_stage_masks(score):
   config, setup = _setup(score=score)
   params, target = _teacher(setup), _teacher(setup, seed=1)
   opt = optax.adamw(3e-2)
-  p1, s1 = _run(stages.compose(opt, ("prune",), config, setup, fresh="prune", steps=6),
+  p1, s1 = _run(stages.compose(opt, ("prune",), setup.prune, setup.spec, fresh="prune", steps=6),
                 params, 6, target)
   masks = stages.carried_masks(s1)
   # The quantize and distill stages stack the same wrappers: one optimizer, two stages.
-  later = stages.compose(opt, ("prune", "quantize"), config, setup, fresh="quantize",
+  later = stages.compose(opt, ("prune", "quantize"), setup.prune, setup.spec, fresh="quantize",
                          steps=3, masks=masks)
   p2, s2 = _run(later, p1, 3, target)
   _assert_kept(stages.carried_masks(s2), masks, p2)
   p3, s3 = _run(later, p2, 3, target)
   _assert_kept(stages.carried_masks(s3), masks, p3)
   # On float weights the prune stage's zeros are its masks: read back from the params alone.
-  from_params = stages.compose(opt, ("prune",), config, setup,
-                               masks=stages.masks_from_params(p1, config)).init(p1)
+  from_params = stages.compose(opt, ("prune",), setup.prune, setup.spec,
+                               masks=stages.masks_from_params(p1, setup.prune)).init(p1)
   _assert_kept(pruning.masks(from_params), masks, p1)
 
 
@@ -81,12 +81,12 @@ def test_quantize_prune_distill_keeps_the_set_and_the_grid():
   config, setup = _setup(score="movement", structure="neuron")
   params, target = _teacher(setup), _teacher(setup, seed=1)
   opt = optax.adamw(3e-2)
-  p1, _ = _run(stages.compose(opt, ("quantize",), config, setup, fresh="quantize"),
+  p1, _ = _run(stages.compose(opt, ("quantize",), setup.prune, setup.spec, fresh="quantize"),
                params, 3, target)
-  p2, s2 = _run(stages.compose(opt, ("quantize", "prune"), config, setup, fresh="prune",
+  p2, s2 = _run(stages.compose(opt, ("quantize", "prune"), setup.prune, setup.spec, fresh="prune",
                                steps=4), p1, 4, target)
   masks = stages.carried_masks(s2)
-  p3, s3 = _run(stages.compose(opt, ("quantize", "prune"), config, setup, masks=masks),
+  p3, s3 = _run(stages.compose(opt, ("quantize", "prune"), setup.prune, setup.spec, masks=masks),
                 p2, 3, target)
   _assert_kept(stages.carried_masks(s3), masks, p3)
   for path, k in jax.tree_util.tree_leaves_with_path(p3):
@@ -103,11 +103,11 @@ def test_post_training_quantization_keeps_the_set_where_scores_tie(score):
   score is 0 there; without the masks the stable sort prunes by position instead."""
   config, setup = _setup(score=score)
   params, target = _teacher(setup), _teacher(setup, seed=1)
-  p1, s1 = _run(stages.compose(optax.adamw(3e-2), ("prune",), config, setup, fresh="prune",
-                               steps=6), params, 6, target)
+  p1, s1 = _run(stages.compose(optax.adamw(3e-2), ("prune",), setup.prune, setup.spec,
+                               fresh="prune", steps=6), params, 6, target)
   masks = stages.carried_masks(s1)
-  start = lambda m: _run(stages.compose(optax.sgd(0.0), ("prune",), config, setup, masks=m),
-                         p1, 1, target, zero_grads=True)
+  start = lambda m: _run(stages.compose(optax.sgd(0.0), ("prune",), setup.prune,
+                                        setup.spec, masks=m), p1, 1, target, zero_grads=True)
   p2, s2 = start(masks)
   _assert_kept(stages.carried_masks(s2), masks, q.quantize_tree(p2, setup.spec))
   _, rederived = start(None)  # the old behaviour: a different set of pruned weights
@@ -117,5 +117,5 @@ def test_post_training_quantization_keeps_the_set_where_scores_tie(score):
 
 def test_carried_masks_is_none_without_a_pruning_wrapper():
   config, setup = _setup()
-  tx = stages.compose(optax.sgd(0.1), ("quantize",), config, setup)
+  tx = stages.compose(optax.sgd(0.1), ("quantize",), setup.prune, setup.spec)
   assert stages.carried_masks(tx.init(_teacher(setup))) is None

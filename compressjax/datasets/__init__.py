@@ -9,9 +9,11 @@ from compressjax.datasets.augment import random_crop
 from compressjax.datasets.augment import random_flip
 from compressjax.datasets.batches import DeviceData
 from compressjax.datasets.batches import eval_batch
+from compressjax.datasets.batches import image_data_fn
 from compressjax.datasets.batches import num_eval_batches
 from compressjax.datasets.batches import steps_per_epoch
 from compressjax.datasets.batches import to_device
+from compressjax.datasets.batches import TrainSet
 from compressjax.datasets.batches import train_batch
 from compressjax.datasets.batches import train_indices
 from compressjax.datasets.cifar import load_cifar

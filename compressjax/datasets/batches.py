@@ -12,12 +12,15 @@ Pass the `DeviceData` to the jitted step as an argument, not as a closure: a clo
 is baked into the compiled program as a constant.
 """
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from compressjax.datasets import augment
 
 
 class DeviceData(NamedTuple):
@@ -125,3 +128,33 @@ def eval_batch(data: DeviceData, index: chex.Array,
   mask = idx < n
   idx = jnp.minimum(idx, n - 1)
   return data.images[idx], data.labels[idx], mask
+
+
+class TrainSet(NamedTuple):
+  """A training set held on device and its data-order key: `image_data_fn`'s ``data``.
+
+  Stack one per seed (`compressjax.training.stack`) for a ``vmap``-ed sweep: each seed
+  then draws its own epoch order.
+  """
+  data: Any
+  order_key: chex.PRNGKey
+
+
+def image_data_fn(batch_size: int, mean: Any, std: Any, padding: int = 0,
+                  flip: bool = False) -> Callable[..., dict[str, chex.Array]]:
+  """``data_fn(key, step, data) -> {"image", "label"}`` for `training.make_train_step`.
+
+  Batch ``step`` of ``data`` (a `TrainSet`) by index (`train_batch`: a pure
+  function of the order key and the step, so a resumed run draws the same batches),
+  augmented with ``key`` (random crop with ``padding``, horizontal ``flip``) and
+  normalized with the per-channel ``mean`` and ``std``, all inside ``jit``.
+  """
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+  def data_fn(key, step, data: TrainSet):
+    images, labels = train_batch(data.data, data.order_key, step, batch_size)
+    if padding or flip:
+      images = augment.augment_batch(key, images, padding, flip)
+    return {"image": augment.normalize(images, mean, std), "label": labels}
+
+  return data_fn

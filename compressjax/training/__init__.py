@@ -7,9 +7,12 @@ from compressjax.training.checkpoint import RunCheckpoints
 from compressjax.training.evaluation import evaluate
 from compressjax.training.evaluation import make_eval_batches
 from compressjax.training.evaluation import reference_receivers
+from compressjax.training.loop import Best
 from compressjax.training.loop import Diverged
+from compressjax.training.loop import fit
 from compressjax.training.loop import progress_line
 from compressjax.training.loop import train
+from compressjax.training.loop import Validation
 from compressjax.training.measure import flops
 from compressjax.training.measure import latency
 from compressjax.training.measure import model_cost

@@ -39,7 +39,8 @@ def make_eval_batches(data_fn: Callable[[chex.PRNGKey], Any], key: chex.PRNGKey,
   """Draws ``num_batches`` batch sets, batch ``i`` from ``fold_in(key, i)`` (on device).
 
   Args:
-    data_fn: ``data_fn(key) -> batches`` (the same kind the train step uses).
+    data_fn: ``data_fn(key) -> batches``: a simulator's, drawing from the key alone
+      (`compressjax.training.multitask.multitask_data_fn`).
     key: the fixed evaluation key (keep it apart from the training keys).
     num_batches: how many batch sets.
 

@@ -15,7 +15,7 @@ consecutive ones, stop the run with `Diverged`.
 
 from collections.abc import Callable, Sequence
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -180,3 +180,125 @@ def _check_nonfinite(flags: np.ndarray | None, run_length: Any, limit: int | Non
                      f"NaN weights were written); lower the learning rate or check the "
                      f"data")
   return run_length
+
+
+class Validation(NamedTuple):
+  """Best-on-validation selection for `fit`.
+
+  Attributes:
+    score: ``score(variables) -> float`` (higher is better), or for a sweep (a
+      ``vmap``-ed step) one score per member, given the stacked variables.
+    every: steps between validations (the last step is always validated).
+    to_variables: the deployable variables of a state (e.g. LoRA adapters merged).
+    include_start: the model before the first step is a candidate too (for fine-tuning:
+      the run then never ends worse on validation than it began).
+    metric: the name of the score in the history.
+  """
+  score: Callable[[Any], Any]
+  every: int
+  to_variables: Callable[[TrainState], Any] = TrainState.variables
+  include_start: bool = False
+  metric: str = "val_accuracy"
+
+
+class Best(NamedTuple):
+  """The model `fit` kept: host variables, and the step and score that chose them.
+
+  In a sweep ``step`` and ``score`` hold one value per member and ``variables`` are
+  stacked (each member's best).
+  """
+  variables: Any
+  step: np.ndarray
+  score: np.ndarray
+
+
+def _keep_better(best: Best, variables: Any, step: int, score: Any) -> Best:
+  """``best`` with the members whose ``score`` is at least their best replaced (ties: later)."""
+  score = np.asarray(score, np.float64).reshape(np.shape(best.score))
+  better = score >= best.score
+  pick = lambda new, old: np.where(better.reshape(better.shape + (1,) * (
+      np.ndim(new) - better.ndim)), new, old)
+  return Best(jax.tree.map(pick, variables, best.variables), np.where(better, step, best.step),
+              np.where(better, score, best.score))
+
+
+def fit(state: TrainState, step_fn: StepFn, num_steps: int, *,
+        validation: Validation | None = None, checkpoints: RunCheckpoints | None = None,
+        log_every: int = 100, step_args: Sequence[Any] = (), name: str = "train",
+        show: Sequence[str] = ("loss",), max_nonfinite: int | None = None,
+        max_in_flight: int | None = 2
+        ) -> tuple[TrainState, list[dict[str, Any]], Best | None]:
+  """`train`, with an optional best-on-validation selection that resumes with the run.
+
+  Without ``validation`` this is `train` (same arguments, ``best`` None). With it, the
+  run stops every ``validation.every`` steps (at multiples of it, counted from the
+  state's step), scores ``validation.to_variables(state)`` and keeps the best; the
+  periodic checkpoints then hold the state *and* the best so far (saved at the first
+  validation at or past each multiple of ``checkpoints.every``), so a run killed at any
+  point and called again on the same directory ends with the same state, history and
+  best as an uninterrupted one.
+
+  Args:
+    state: the starting state (donated: do not reuse it after the call).
+    step_fn: ``step_fn(state, *step_args) -> (state, metrics)`` (`make_train_step`).
+    num_steps: steps to run.
+    validation: the selection, or None.
+    checkpoints: periodic checkpoints to save to and resume from (see `train`).
+    log_every: steps between progress lines (within a validation interval).
+    step_args: extra arguments of every step call.
+    name: the label of the progress lines.
+    show: metric names in the progress lines.
+    max_nonfinite: see `train` (with ``validation``, counted within an interval).
+    max_in_flight: see `train`.
+
+  Returns:
+    ``(state, history, best)``: the final state, the train log (plus, with
+    ``validation``, one ``{"step", metric}`` entry per validation) and the `Best`
+    (None without ``validation``).
+  """
+  kw = dict(step_args=step_args, name=name, show=show, max_nonfinite=max_nonfinite,
+            max_in_flight=max_in_flight)
+  if validation is None:
+    state, history = train(state, step_fn, num_steps, log_every=log_every,
+                           checkpoints=checkpoints, **kw)
+    return state, history, None
+  v = validation
+  if not isinstance(v.every, int) or v.every < 1:
+    raise ValueError(f"validation.every must be an int >= 1, got {v.every!r}")
+  start = int(np.max(jax.device_get(state.step)))
+  shape = np.shape(jax.device_get(state.step))
+  best = Best(jax.device_get(v.to_variables(state)), np.full(shape, -1),
+              np.full(shape, -np.inf))
+  history: list[dict[str, Any]] = []
+  done = 0
+  if checkpoints is not None:
+    restored = checkpoints.restore_latest((state, best))
+    if restored is not None:
+      (state, best), history = restored
+      best = Best(*jax.device_get(tuple(best)))
+      done = int(np.max(jax.device_get(state.step))) - start
+      logging.info("%s: resuming from the checkpoint at step %d of %d", name, start + done,
+                   start + num_steps)
+
+  def validate(state, best, at):
+    variables = jax.device_get(v.to_variables(state))
+    score = v.score(variables)
+    history.append({"step": at, v.metric: _host(np.asarray(score, np.float64))})
+    logging.info("%s step %d/%d: %s %s", name, at - start, num_steps, v.metric,
+                 np.round(np.asarray(score, np.float64), 4))
+    return _keep_better(best, variables, at, score)
+
+  if done == 0 and (v.include_start or num_steps == 0):
+    best = validate(state, best, start)
+  while done < num_steps:
+    at = start + done
+    n = min(v.every - at % v.every, num_steps - done)
+    state, log = train(state, step_fn, n, log_every=min(log_every, n),
+                       **{**kw, "name": f"{name} @{done}"})
+    history += log
+    done += n
+    best = validate(state, best, start + done)
+    if checkpoints is not None and (
+        (start + done) // checkpoints.every > at // checkpoints.every or done == num_steps):
+      checkpoints.save(start + done, (state, best), history)
+  return state, history, best

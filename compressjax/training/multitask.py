@@ -19,7 +19,6 @@ house style asks of losses.
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -40,8 +39,8 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 
 def multitask_data_fn(cfg: Any, batch_size: int, tasks: Sequence[str] = TASKS,
                       simulate: Callable[..., Any] | None = None
-                      ) -> Callable[[chex.PRNGKey], dict[str, Any]]:
-  """``data_fn(key) -> {task: Batch}`` drawing each task's batch from its own subkey.
+                      ) -> Callable[..., dict[str, Any]]:
+  """``data_fn(key, step=None, data=None) -> {task: Batch}``, each task from its own subkey.
 
   Args:
     cfg: a ``channels.ChannelConfig``.
@@ -51,7 +50,8 @@ def multitask_data_fn(cfg: Any, batch_size: int, tasks: Sequence[str] = TASKS,
       ``compressjax.channels.simulate.simulate``.
 
   Returns:
-    A pure function of the key, traceable inside the jitted train step.
+    A pure function of the key (``step`` and ``data`` are ignored: the simulator needs
+    neither), traceable inside the jitted train step.
   """
   tasks = check_tasks(tasks)
   if not isinstance(batch_size, int) or batch_size < 1:
@@ -60,7 +60,8 @@ def multitask_data_fn(cfg: Any, batch_size: int, tasks: Sequence[str] = TASKS,
     # Imported here so that a caller with its own simulator never needs the channels.
     from compressjax.channels.simulate import simulate  # pylint: disable=g-import-not-at-top
 
-  def data_fn(key):
+  def data_fn(key, step=None, data=None):
+    del step, data
     keys = jax.random.split(key, len(tasks))
     return {t: simulate(k, cfg, batch_size, t) for t, k in zip(tasks, keys)}
 

@@ -21,7 +21,6 @@ import os
 from typing import Any
 
 from absl import logging
-import chex
 import jax
 import numpy as np
 
@@ -183,13 +182,13 @@ def shard_batch(batches: Any, mesh: Mesh, batch_size: int,
   return jax.tree_util.tree_map_with_path(constrain, batches)
 
 
-def shard_data_fn(data_fn: Callable[[chex.PRNGKey], Any], mesh: Mesh, batch_size: int,
-                  shared: Callable[[str], bool] = shared_leaf
-                  ) -> Callable[[chex.PRNGKey], Any]:
+def shard_data_fn(data_fn: Callable[..., Any], mesh: Mesh, batch_size: int,
+                  shared: Callable[[str], bool] = shared_leaf) -> Callable[..., Any]:
   """``data_fn`` whose batches are generated split over the mesh (see `shard_batch`).
 
   Args:
-    data_fn: ``data_fn(key) -> batches`` whose batch leaves lead with ``batch_size``.
+    data_fn: ``data_fn(key, step, data) -> batches`` (`steps.make_train_step`) whose
+      batch leaves lead with ``batch_size``.
     mesh: the mesh from `make_mesh`.
     batch_size: the leading size of the batch leaves; a multiple of the mesh size.
     shared: which leaves (by '/'-joined path) are shared by the whole batch.
@@ -198,7 +197,8 @@ def shard_data_fn(data_fn: Callable[[chex.PRNGKey], Any], mesh: Mesh, batch_size
     The wrapped function, for `steps.make_train_step`.
   """
   check_batch_size(batch_size, mesh.size)
-  return lambda key: shard_batch(data_fn(key), mesh, batch_size, shared)
+  return lambda key, step=None, data=None: shard_batch(data_fn(key, step, data), mesh,
+                                                       batch_size, shared)
 
 
 def safe_in_flight(mesh: Mesh) -> int:

@@ -38,7 +38,7 @@ Batches = Any
 Outputs = dict[str, Any]
 Metrics = dict[str, jax.Array]
 ForwardFn = Callable[..., Any]
-DataFn = Callable[[chex.PRNGKey], Batches]
+DataFn = Callable[[chex.PRNGKey, jax.Array, Any], Batches]
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
 StepFn = Callable[..., tuple["TrainState", Metrics]]
 
@@ -109,15 +109,19 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, loss_f
                     capture_intermediates: bool = False, params_in_loss: bool = False,
                     donate: bool = True, mesh: Mesh | None = None,
                     vmap: bool = False) -> StepFn:
-  """Builds ``step(state, teacher_variables=None) -> (state, metrics)``, jitted.
+  """Builds ``step(state, teacher_variables=None, data=None) -> (state, metrics)``, jitted.
 
   Args:
     forward: the student's forward function (see the module docstring).
     tx: any optax transformation, compression wrappers included.
     loss_fn: ``loss_fn(outputs, batches) -> (scalar, metrics)``; with a teacher,
       ``loss_fn(outputs, batches, teacher_outputs)``. Metrics are dicts of scalars.
-    data_fn: ``data_fn(key) -> batches``, traced into the step (e.g.
-      `compressjax.training.multitask.multitask_data_fn`).
+    data_fn: ``data_fn(key, step, data) -> batches``, traced into the step: ``key`` is
+      fresh per step, ``step`` the state's step count and ``data`` the step's ``data``
+      argument (None when not given). A simulator draws from the key alone
+      (`compressjax.training.multitask.multitask_data_fn`); a set held on device is passed
+      as ``data`` (an argument, not closed over: a constant would be baked into the
+      compiled program) and indexed by the step (`compressjax.datasets.image_data_fn`).
     teacher_forward: optional teacher forward; run with ``train=False`` on the same
       batches, under ``stop_gradient``, with ``teacher_variables`` from the call.
     capture_intermediates: also collect the sown ``intermediates`` (attention maps,
@@ -143,12 +147,12 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, loss_f
   capture = bool(capture_intermediates)
   loss_kwargs = (lambda p: {"params": p}) if params_in_loss else (lambda p: {})
 
-  def step(state: TrainState, teacher_variables: Any = None):
+  def step(state: TrainState, teacher_variables: Any = None, data: Any = None):
     if teacher_forward is not None and teacher_variables is None:
       raise ValueError("teacher_variables must be given to a step built with a "
                        "teacher_forward, got None")
     key, data_key, dropout_key = jax.random.split(state.key, 3)
-    batches = data_fn(data_key)
+    batches = data_fn(data_key, state.step, data)
     extra = ()
     if teacher_forward is not None:
       teacher_out, _ = _run_forward(

@@ -1,6 +1,5 @@
 """Fixtures for the training tests: cheap on-device fake batches with the channel shapes."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,4 +42,4 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def fake_data_fn():
-  return functools.partial(fake_data, batch_size=8)
+  return lambda key, step=None, data=None: fake_data(key, batch_size=8)

@@ -25,7 +25,7 @@ def _loss(outputs, batch):
   return jnp.mean(err), {}
 
 
-def _data(key):
+def _data(key, step=None, data=None):
   x = jax.random.normal(key, (8, 3))
   return {"x": x, "t": x @ jnp.array([1.0, -2.0, 0.5])}
 
@@ -118,7 +118,7 @@ def test_bad_checkpoint_settings_are_rejected(tmp_path):
 # --- non-finite gradients -----------------------------------------------------------------
 
 
-def _poisoned_data(key):
+def _poisoned_data(key, step=None, data=None):
   """Batches whose targets are NaN with probability 0.3 (drawn from the same key)."""
   batch = _data(key)
   bad = jax.random.uniform(jax.random.fold_in(key, 1)) < 0.3
@@ -153,7 +153,7 @@ def test_nonfinite_gradients_are_skipped_and_counted():
 
 def test_a_run_that_keeps_failing_stops_with_a_clear_error_and_finite_weights():
   tx = optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=10 ** 6)
-  always_nan = lambda key: {**_data(key), "t": jnp.full((8,), jnp.nan)}
+  always_nan = lambda key, *_: {**_data(key), "t": jnp.full((8,), jnp.nan)}
   step = steps.make_train_step(_forward, tx, _loss, always_nan, donate=False)
   state = steps.create_train_state({"w": jnp.ones(3)}, tx, jax.random.key(0))
   with pytest.raises(loop.Diverged, match="4 consecutive steps up to step 4 had non-finite"):

@@ -21,9 +21,9 @@ CHANNEL = ChannelConfig(modulation="qpsk", modulations=("bpsk", "qpsk", "psk8"),
 
 
 def _counted(fn, counter):
-  def wrapped(key):
+  def wrapped(key, *rest):
     counter.append(1)  # runs only while tracing
-    return fn(key)
+    return fn(key, *rest)
   return wrapped
 
 
@@ -118,7 +118,7 @@ def test_loss_decreases_under_a_wrapper_that_keeps_its_state_in_opt_state(tiny_m
   mask = jax.tree.map(lambda p: jnp.arange(p.size).reshape(p.shape) % 3 != 0, params)
   tx = optax.chain(optax.clip_by_global_norm(1.0), keep_zero(optax.adam(1e-2), mask))
   step = steps.make_train_step(multitask.multitask_forward(model.apply), tx,
-                               multitask.task_losses, lambda key: fixed)
+                               multitask.task_losses, lambda key, *_: fixed)
   state = steps.create_train_state(params, tx, jax.random.key(2))
   losses = []
   for _ in range(30):

@@ -37,9 +37,7 @@ are skipped and counted (``nonfinite_steps`` in each record); ``train.max_nonfin
 a row stop the run.
 """
 
-import contextlib
 import functools
-import json
 import os
 import zlib
 from typing import Any
@@ -47,7 +45,6 @@ from typing import Any
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from compressjax import distillation
@@ -65,158 +62,58 @@ from compressjax.stages import carried_masks
 from compressjax.stages import compose
 from compressjax.stages import Setup
 from compressjax.stages import validate
-from compressjax.training import checkpoint
+from compressjax.studies import engine
 from compressjax.training import parallel
+
+_SHOW = ("ser_top", "accuracy", "nmse_db", "bytes")  # in the "stage done" console line
 
 def _optimizer(lr: float, steps: int, weight_decay: float, warmup: int = 0):
   """AdamW with a cosine decay to 5% of ``lr`` (after a linear warm-up, if any)."""
-  if warmup:
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.05)
-  else:
-    sched = optax.cosine_decay_schedule(lr, steps, 0.05)
-  return optax.adamw(sched, weight_decay=weight_decay)
+  return engine.optimizer(engine.OptimizerPlan("adamw", lr, steps, warmup, weight_decay,
+                                               end_fraction=0.05))
 
 
 def _model(cfg):
   return iq_transformer.IQTransformer(cfg)
 
 
-def _data_fn(config, setup):
-  return training.multitask_data_fn(setup.channel, config.train.batch_size,
-                                    tuple(config.train.tasks))
+def train_plan(config) -> engine.TrainPlan:
+  """The study's `engine.TrainPlan` (its ``train`` block)."""
+  t = config.train
+  return engine.TrainPlan(t.batch_size, t.log_every, t.checkpoint_every, t.keep_checkpoints,
+                          t.max_nonfinite, t.num_devices, t.vmap_seeds)
 
 
-def _train(config, setup, name, model_cfg, inits, tx, steps, keys, ckpt_dir, teacher=None):
-  """Trains a group of models (one per seed) with ``tx`` for ``steps``; KD if ``teacher``.
+def _train(config, setup, name, model_cfg, inits, txs, steps, keys, ckpt_dir, teacher=None):
+  """Trains a group of models (one per seed) with ``txs`` for ``steps``; KD if ``teacher``.
 
   Args:
-    inits: the group's initial params, one per seed; two or more run as one
-      ``jax.vmap``-ed program (``train.vmap_seeds``).
-    tx: the optimizer, or one per seed (they may differ only in their initial state,
-      e.g. each seed's carried pruning masks: the step is built from the first).
+    inits: the group's initial params, one per seed (two or more: one vmapped program).
+    txs: the optimizer per seed.
     keys: their PRNG keys.
     ckpt_dir: where the run's periodic checkpoints go (it resumes from them).
     teacher: ``(teacher_cfg, [teacher params per seed])`` or None.
 
   Returns:
-    ``(final params per seed, history per seed, pruning masks per seed)``, the masks
-    None when ``tx`` holds no pruning wrapper.
+    One `engine.Trained` per seed (``variables``: the params).
   """
   t = config.train
-  forward = training.multitask_forward(_model(model_cfg).apply)
+  weights = dict(t.get("task_weights", {}))
   if teacher is None:
-    weights = dict(t.get("task_weights", {}))
     loss_fn = lambda o, b: training.task_losses(o, b, weights)
-    teacher_forward = None
+    kd_teacher = None
   else:
     kd = functools.partial(distillation.kd_loss, temperature=config.distill.temperature,
                            alpha=config.distill.alpha)
-    weights = dict(t.get("task_weights", {}))
     loss_fn = lambda o, b, tv: training.kd_task_losses(o, b, tv, kd, weights)
-    teacher_forward = training.multitask_forward(_model(teacher[0]).apply)
-  mesh = parallel.make_mesh(t.num_devices)
-  data_fn = parallel.shard_data_fn(_data_fn(config, setup), mesh, t.batch_size)
-  # Skip (and count) updates from non-finite gradients; the loop stops a run that keeps
-  # producing them (train.max_nonfinite in a row), so NaN never reaches the weights.
-  txs = [optax.apply_if_finite(x, max_consecutive_errors=2 ** 30)
-         for x in (tx if isinstance(tx, list) else [tx] * len(inits))]
-  tx = txs[0]
-  sweep = len(inits) > 1
-  group = lambda trees: training.stack(trees) if sweep else trees[0]
-  state = group([training.create_train_state(p, x, k) for p, x, k in zip(inits, txs, keys)])
-  state = parallel.replicate(state, mesh)
-  step_args = () if teacher is None else (parallel.replicate({"params": group(teacher[1])},
-                                                             mesh),)
-  step = training.make_train_step(forward, tx, loss_fn, data_fn,
-                                  teacher_forward=teacher_forward, mesh=mesh, vmap=sweep)
-  ckpts = (training.RunCheckpoints(ckpt_dir, t.checkpoint_every, t.keep_checkpoints)
-           if t.checkpoint_every else contextlib.nullcontext())
-  with ckpts as c:
-    state, history = training.train(
-        state, step, steps, log_every=min(t.log_every, steps), name=name,
-        step_args=step_args, show=("loss", "modulation/accuracy", "symbols/ser"),
-        checkpoints=c, max_nonfinite=t.max_nonfinite,
-        max_in_flight=parallel.safe_in_flight(mesh))
-  params = jax.device_get(state.params)
-  finals = training.unstack(params) if sweep else [params]
-  histories = [_member_history(history, i) for i in range(len(inits))] if sweep else [history]
-  for p in finals:
-    _check_finite(p, name)
-  masks = carried_masks(jax.device_get(state.opt_state))
-  masks = [None] * len(inits) if masks is None else (
-      training.unstack(masks) if sweep else [masks])
-  return finals, histories, masks
-
-
-def _member_history(history, i):
-  """Member ``i``'s history of a sweep (per-member lists become its own values)."""
-  return [{k: v[i] if isinstance(v, list) else v for k, v in rec.items()} for rec in history]
-
-
-def _check_finite(params, name):
-  bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
-         if not np.all(np.isfinite(np.asarray(x)))]
-  if bad:
-    raise FloatingPointError(f"{name}: training diverged (non-finite weights in {bad[:3]}); "
-                             f"lower the learning rate")
-
-
-def _load_or_run(stage_dirs: list[str], targets: list[Any], run_fn,
-                 mask_targets: list[Any] | None = None
-                 ) -> tuple[list[Any], list[list[dict]], list[Any]]:
-  """Restores a stage finished for every seed of the group, or runs it and saves it.
-
-  Args:
-    stage_dirs: the stage's directory per seed.
-    targets: pytrees with the saved params' structure, per seed.
-    run_fn: ``run_fn() -> (params, history, pruning masks or None)``, each per seed.
-    mask_targets: the structure of the stage's saved masks per seed (a prune stage's),
-      or None when it saves none.
-
-  Returns:
-    ``(params, history, masks)`` per seed (masks None where none are saved).
-  """
-  ckpts = [os.path.join(d, "params") for d in stage_dirs]
-  if all(checkpoint.exists(c) for c in ckpts):
-    params, histories, masks = [], [], []
-    for i, (d, c, target) in enumerate(zip(stage_dirs, ckpts, targets)):
-      logging.info("restoring finished stage %s", d)
-      with checkpoint.quiet_logs():
-        params.append(jax.device_get(checkpoint.restore(c, target)))
-        masks.append(None if mask_targets is None else jax.device_get(
-            checkpoint.restore(os.path.join(d, "masks"), mask_targets[i])))
-      with open(os.path.join(d, "history.json")) as f:
-        histories.append(json.load(f))
-    return params, histories, masks
-  params, histories, masks = run_fn()
-  for d, c, p, h, m in zip(stage_dirs, ckpts, params, histories, masks):
-    if not checkpoint.exists(c):  # a seed finished earlier keeps its files
-      with checkpoint.quiet_logs():
-        if m is not None and mask_targets is not None:
-          checkpoint.save(os.path.join(d, "masks"), m)
-        checkpoint.save(c, p)      # last: its presence marks the stage finished
-      if parallel.is_main_process():
-        reporting.write_json(os.path.join(d, "history.json"), h)
-  return params, histories, masks
-
-
-def _record(stage_dir: str, name: str, measure_fn) -> dict[str, Any]:
-  """The stage's metrics record, cached in ``stage_dir/record.json``."""
-  path = os.path.join(stage_dir, "record.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  rec = {"name": name, **measure_fn()}
-  logging.info("stage done: %s  %s", stage_dir, "  ".join(f"{k} {rec[k]:.4g}" for k in (
-      "ser_top", "accuracy", "nmse_db", "bytes") if isinstance(rec.get(k), (int, float))))
-  if parallel.is_main_process():
-    reporting.write_json(path, rec)
-  return rec
-
-
-def _nonfinite(history: list[dict]) -> int:
-  """Steps whose gradients were non-finite (and skipped) in a stage's history."""
-  return int(round(sum(r.get("nonfinite", 0.0) for r in history)))
+    kd_teacher = engine.Teacher(training.multitask_forward(_model(teacher[0]).apply),
+                                [{"params": p} for p in teacher[1]])
+  return engine.train_group(
+      train_plan(config), name, forward=training.multitask_forward(_model(model_cfg).apply),
+      loss_fn=loss_fn, data_fn=training.multitask_data_fn(setup.channel, t.batch_size,
+                                                          tuple(t.tasks)),
+      inits=inits, txs=txs, keys=keys, steps=steps, ckpt_dir=ckpt_dir, teacher=kd_teacher,
+      to_variables=lambda s: s.params, show=("loss", "modulation/accuracy", "symbols/ser"))
 
 
 def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
@@ -238,9 +135,10 @@ def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
   teacher_init = [iq_transformer.init_params(setup.teacher, k) for k in init_keys]
   tx = _optimizer(t.learning_rate, t.steps, t.weight_decay, t.warmup_steps)
   teacher_dirs = [os.path.join(r, "teacher") for r in roots]
-  teachers, histories, _ = _load_or_run(teacher_dirs, teacher_init, lambda: _train(
-      config, setup, f"{tag} teacher", setup.teacher, teacher_init, tx, t.steps,
-      list(train_keys), ckpt_root("teacher")))
+  done_teachers = engine.restore_or_run(teacher_dirs, teacher_init, lambda: _train(
+      config, setup, f"{tag} teacher", setup.teacher, teacher_init, [tx] * len(seeds),
+      t.steps, list(train_keys), ckpt_root("teacher")))
+  teachers = [r.variables for r in done_teachers]
 
   def with_refs(rec):
     if "ser" in rec:
@@ -249,10 +147,10 @@ def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
       rec = {**rec, "accuracy_curve": {**rec["accuracy_curve"], **refs["accuracy"]}}
     return rec
 
-  records = [[with_refs(_record(d, "teacher", lambda p=p, h=h: {**measure(
-      config, setup, setup.teacher, p, eval_batches, quantized=False),
-      "nonfinite_steps": _nonfinite(h)}))]
-             for d, p, h in zip(teacher_dirs, teachers, histories)]
+  records = [[with_refs(engine.record(d, "teacher", lambda r=r: {**measure(
+      config, setup, setup.teacher, r.variables, eval_batches, quantized=False),
+      "nonfinite_steps": engine.nonfinite_steps(r.history)}, _SHOW))]
+             for d, r in zip(teacher_dirs, done_teachers)]
   # A stage is run once per distinct prefix of stages: "prune" is the first stage of
   # "prune,quantize,distill" too, and its row is shared (its randomness comes from the
   # prefix, not the pipeline's name).
@@ -288,14 +186,15 @@ def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
           opt = _optimizer(t.learning_rate, t.steps, t.weight_decay, t.warmup_steps)
       fresh = stage.kind if stage.kind in ("prune", "quantize") else None
       kinds = kinds + ((stage.kind,) if fresh else ())
-      txs = [compose(opt, kinds, config, setup, fresh=fresh, steps=steps, masks=m)
+      txs = [compose(opt, kinds, setup.prune, setup.spec, fresh=fresh, steps=steps,
+                   masks=m)
              for m in masks]
       start, cfg_i = params, model_cfg
       if stage.kind == "quantize" and c.steps == 0:
-        run = lambda start=start, kinds=kinds, masks=masks: (
-            [jax.device_get(quantization.quantize_tree(
-                _start_on_constraints(p, kinds[:-1], config, setup, m), setup.spec))
-             for p, m in zip(start, masks)], [[] for _ in start], masks)
+        run = lambda start=start, kinds=kinds, masks=masks: [engine.Trained(
+            jax.device_get(quantization.quantize_tree(
+                _start_on_constraints(p, kinds[:-1], config, setup, m), setup.spec)),
+            [], m, None) for p, m in zip(start, masks)]
       else:
         run = lambda start=start, cfg_i=cfg_i, txs=txs, steps=steps, tp=teacher_pair, \
             keys_i=keys_i, rel=rel, label=label: _train(
@@ -303,15 +202,17 @@ def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
                 ckpt_root(rel), tp)
       mask_targets = None
       if stage.kind == "prune":
-        mask_targets = [carried_masks(compose(optax.identity(), ("prune",), config,
-                                              setup).init(p)) for p in start]
-      params, histories, stage_masks = _load_or_run(stage_dirs, start, run, mask_targets)
+        mask_targets = [carried_masks(compose(optax.identity(), ("prune",), setup.prune,
+                                              setup.spec).init(p)) for p in start]
+      results = engine.restore_or_run(stage_dirs, start, run, mask_targets)
+      params = [r.variables for r in results]
       if stage.kind == "prune":
-        masks = stage_masks
+        masks = [r.masks for r in results]
       quantized = "quantize" in kinds
-      for rec, d, p, h in zip(records, stage_dirs, params, histories):
-        rec.append(with_refs(_record(d, label, lambda p=p, h=h, m=model_cfg, q=quantized: {
-            **measure(config, setup, m, p, eval_batches, q), "nonfinite_steps": _nonfinite(h)})))
+      for rec, d, r in zip(records, stage_dirs, results):
+        rec.append(with_refs(engine.record(d, label, lambda r=r, m=model_cfg, q=quantized: {
+            **measure(config, setup, m, r.variables, eval_batches, q),
+            "nonfinite_steps": engine.nonfinite_steps(r.history)}, _SHOW)))
       done[prefix] = (params, masks, model_cfg, kinds, [rec[-1] for rec in records])
   for seed, recs in zip(seeds, records):
     for r in recs:
@@ -323,7 +224,7 @@ def _start_on_constraints(params, kinds, config, setup, masks=None):
   """Params after one zero-gradient step of the constraint stack (``masks`` carried)."""
   if not kinds:
     return params
-  tx = compose(optax.sgd(0.0), kinds, config, setup, masks=masks)
+  tx = compose(optax.sgd(0.0), kinds, setup.prune, setup.spec, masks=masks)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   return optax.apply_updates(params, updates)
 
@@ -352,7 +253,7 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   if not parallel.is_main_process():
     return records
   reporting.write_json(os.path.join(workdir, "references.json"), refs)
-  reporting.write_report(workdir, records, table=table, columns=COLUMNS,
+  engine.write_report(workdir, records, table=table, columns=COLUMNS,
                          class_names=list(setup.channel.modulations),
                          title=f"compressjax: seeds {tuple(config.seeds)}",
                          footer=footer(config, refs, records, table))

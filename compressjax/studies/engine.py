@@ -1,0 +1,294 @@
+"""The machinery every study shares: stages restored or run, their records, one training.
+
+A study (`compressjax.studies.wireless`, `compressjax.studies.vision`) resolves its config
+into typed plans, then runs its stages through this module:
+
+* `train_group` trains one stage for a group of seeds: the shared train step
+  (`training.make_train_step`), non-finite updates skipped and counted, periodic
+  checkpoints to resume from after a kill, an optional best-on-validation selection, and
+  two or more seeds ``jax.vmap``-ed into one program;
+* `restore_or_run` restores a stage finished for every seed, or runs it and saves it;
+* `record` caches a stage's metrics record;
+* `write_report` writes ``metrics.json``, ``results.md`` and the plots.
+
+Files are written by process 0 only; orbax checkpoints are saved by every process (a
+collective on a multi-host run).
+"""
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+import numpy as np
+import optax
+
+from compressjax import reporting
+from compressjax import training
+from compressjax.stages import carried_masks
+from compressjax.training import checkpoint
+from compressjax.training import parallel
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class OptimizerPlan(NamedTuple):
+  """An optimizer on a warm-up + cosine schedule (`optimizer` builds it).
+
+  Attributes:
+    name: one of `OPTIMIZERS` (``"adam"`` is AdamW with its decay).
+    learning_rate: the peak learning rate.
+    steps: the schedule's length.
+    warmup_steps: linear warm-up from 0 (0: none).
+    weight_decay: coupled L2 for SGD, decoupled for AdamW (0: none).
+    end_fraction: the learning rate at the end, as a fraction of the peak.
+    decay_kernels_only: decay only leaves of rank >= 2 (never norm scales or biases).
+  """
+  name: str
+  learning_rate: float
+  steps: int
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  end_fraction: float = 0.0
+  decay_kernels_only: bool = False
+
+
+def optimizer(plan: OptimizerPlan) -> optax.GradientTransformation:
+  """The optimizer of ``plan`` (SGD: momentum 0.9, Nesterov)."""
+  if plan.name not in OPTIMIZERS:
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {plan.name!r}")
+  lr, steps = plan.learning_rate, max(plan.steps, 1)
+  if plan.warmup_steps:
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, plan.warmup_steps, steps,
+                                               lr * plan.end_fraction)
+  else:
+    sched = optax.cosine_decay_schedule(lr, steps, plan.end_fraction)
+  mask = (lambda p: jax.tree.map(lambda x: getattr(x, "ndim", 0) >= 2, p)
+          ) if plan.decay_kernels_only else None
+  if plan.name == "sgd":
+    return optax.chain(optax.add_decayed_weights(plan.weight_decay, mask=mask),
+                       optax.sgd(sched, momentum=0.9, nesterov=True))
+  return optax.adamw(sched, weight_decay=plan.weight_decay, mask=mask)
+
+
+class TrainPlan(NamedTuple):
+  """How a study trains (the fields of its config's ``train`` block).
+
+  Attributes:
+    batch_size: examples per step (per task for the wireless study), over all devices.
+    log_every: steps between progress lines.
+    checkpoint_every: steps between periodic checkpoints (0: none).
+    keep_checkpoints: periodic checkpoints kept.
+    max_nonfinite: consecutive non-finite steps that stop a run.
+    num_devices: data-parallel devices (0: all).
+    vmap_seeds: train all seeds as one ``jax.vmap``-ed program.
+  """
+  batch_size: int
+  log_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  max_nonfinite: int
+  num_devices: int
+  vmap_seeds: bool
+
+
+class Teacher(NamedTuple):
+  """The model a stage distils from: its forward and its variables, one per seed."""
+  forward: Callable[..., Any]
+  variables: list[Any]
+
+
+class Trained(NamedTuple):
+  """One seed's result of `train_group`.
+
+  Attributes:
+    variables: host variables: the final state's (``to_variables``), or the best on
+      validation when the stage selects.
+    history: the train log (and the validations).
+    masks: the pruning wrapper's keep masks, or None when ``tx`` has none.
+    best: ``{"step", "val_accuracy"}`` of the selected model, or None.
+  """
+  variables: Any
+  history: list[dict[str, Any]]
+  masks: Any
+  best: dict[str, Any] | None
+
+
+def member_history(history: list[dict], i: int) -> list[dict]:
+  """Member ``i``'s history of a sweep (per-member lists become its own values)."""
+  return [{k: v[i] if isinstance(v, list) else v for k, v in rec.items()} for rec in history]
+
+
+def check_finite(tree: Any, name: str) -> None:
+  """Raises `FloatingPointError` naming the first non-finite leaves of ``tree``."""
+  bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+         if not np.all(np.isfinite(np.asarray(x)))]
+  if bad:
+    raise FloatingPointError(f"{name}: training diverged (non-finite weights in {bad[:3]}); "
+                             f"lower the learning rate")
+
+
+def nonfinite_steps(history: list[dict]) -> int:
+  """Steps whose gradients were non-finite (and skipped) in a stage's history."""
+  return int(round(sum(r.get("nonfinite", 0.0) for r in history)))
+
+
+def train_group(plan: TrainPlan, name: str, *, forward: Callable[..., Any],
+                loss_fn: Callable[..., Any], data_fn: Callable[..., Any],
+                inits: Sequence[Any], txs: Sequence[optax.GradientTransformation],
+                keys: Sequence[jax.Array], steps: int, ckpt_dir: str,
+                model_states: Sequence[Any] | None = None, data: Any = None,
+                teacher: Teacher | None = None,
+                to_variables: Callable[[training.TrainState], Any] | None = None,
+                validate: Callable[[Any], float] | None = None, validate_every: int = 0,
+                include_start: bool = False, show: Sequence[str] = ("loss",)
+                ) -> list[Trained]:
+  """Trains one stage for a group of seeds (two or more: one ``jax.vmap``-ed program).
+
+  Args:
+    plan: the study's `TrainPlan`.
+    name: the label of the progress lines.
+    forward: the trained model's forward (`training.make_train_step`'s protocol).
+    loss_fn: ``loss_fn(outputs, batch[, teacher_outputs]) -> (loss, metrics)``.
+    data_fn: ``data_fn(key, step, data) -> batch`` over the whole batch (sharded here).
+    inits: the initial params, one per seed.
+    txs: the optimizer per seed (they may differ only in their initial state, e.g. each
+      seed's carried pruning masks: the step is built from the first). Each is wrapped
+      in ``optax.apply_if_finite``: updates from non-finite gradients are skipped and
+      counted; ``plan.max_nonfinite`` in a row stop the run.
+    keys: the PRNG key per seed.
+    steps: steps to train.
+    ckpt_dir: the periodic checkpoints' directory (the run resumes from them).
+    model_states: other variable collections per seed (``batch_stats``), or None.
+    data: the step's ``data`` argument (a set held on device), or None for a simulator.
+    teacher: distil from this model (its outputs go to ``loss_fn``), or None.
+    to_variables: a state's deployable variables (default ``state.variables()``).
+    validate: ``validate(variables) -> float`` for a best-on-validation selection every
+      ``validate_every`` steps, or None to keep the final model.
+    validate_every: see ``validate``.
+    include_start: the starting model is a candidate of the selection too.
+    show: metric names in the progress lines.
+
+  Returns:
+    One `Trained` per seed, in order.
+  """
+  n = len(inits)
+  sweep = n > 1
+  group = lambda trees: training.stack(trees) if sweep else trees[0]
+  mesh = parallel.make_mesh(plan.num_devices)
+  sharded = parallel.shard_data_fn(data_fn, mesh, plan.batch_size,
+                                   shared=(lambda p: False) if data is not None
+                                   else parallel.shared_leaf)
+  txs = [optax.apply_if_finite(x, max_consecutive_errors=2 ** 30) for x in txs]
+  states = model_states or [None] * n
+  state = group([training.create_train_state(p, x, k, s)
+                 for p, x, k, s in zip(inits, txs, keys, states)])
+  state = parallel.replicate(state, mesh)
+  teacher_vars = None if teacher is None else parallel.replicate(group(teacher.variables), mesh)
+  step = training.make_train_step(forward, txs[0], loss_fn, sharded,
+                                  teacher_forward=None if teacher is None else teacher.forward,
+                                  mesh=mesh, vmap=sweep)
+  to_variables = to_variables or training.TrainState.variables
+  validation = None
+  if validate is not None:
+    score = (lambda v: [validate(m) for m in training.unstack(v)]) if sweep else validate
+    validation = training.Validation(score, validate_every, to_variables, include_start)
+  ckpts = (training.RunCheckpoints(ckpt_dir, plan.checkpoint_every, plan.keep_checkpoints)
+           if plan.checkpoint_every else contextlib.nullcontext())
+  with ckpts as c:
+    state, history, best = training.fit(
+        state, step, steps, validation=validation, checkpoints=c,
+        log_every=min(plan.log_every, max(steps, 1)), name=name,
+        step_args=(teacher_vars, parallel.replicate(data, mesh) if data is not None else None),
+        show=show, max_nonfinite=plan.max_nonfinite,
+        max_in_flight=parallel.safe_in_flight(mesh))
+  variables = best.variables if best is not None else jax.device_get(to_variables(state))
+  masks = carried_masks(jax.device_get(state.opt_state))
+  members = training.unstack(variables) if sweep else [variables]
+  masks = [None] * n if masks is None else (training.unstack(masks) if sweep else [masks])
+  out = []
+  for i, (v, m) in enumerate(zip(members, masks)):
+    check_finite(v, name)
+    b = None if best is None else {"step": int(np.ravel(best.step)[i]),
+                                   "val_accuracy": float(np.ravel(best.score)[i])}
+    out.append(Trained(v, member_history(history, i) if sweep else history, m, b))
+  return out
+
+
+def restore_or_run(stage_dirs: Sequence[str], targets: Sequence[Any],
+                   run_fn: Callable[[], list[Trained]],
+                   mask_targets: Sequence[Any] | None = None) -> list[Trained]:
+  """Restores a stage finished for every seed of the group, or runs it and saves it.
+
+  A stage directory holds ``variables`` (orbax; written last, its presence marks the stage
+  finished), ``history.json`` (the history and the selection) and, for a prune stage,
+  ``masks``.
+
+  Args:
+    stage_dirs: the stage's directory per seed.
+    targets: pytrees with the saved variables' structure, per seed.
+    run_fn: ``run_fn() -> [Trained]``, one per seed.
+    mask_targets: the structure of the stage's saved masks per seed, or None when it
+      saves none.
+
+  Returns:
+    One `Trained` per seed.
+  """
+  ckpts = [os.path.join(d, "variables") for d in stage_dirs]
+  if all(checkpoint.exists(c) for c in ckpts):
+    out = []
+    for i, (d, c) in enumerate(zip(stage_dirs, ckpts)):
+      logging.info("restoring finished stage %s", d)
+      with checkpoint.quiet_logs():
+        variables = jax.device_get(checkpoint.restore(c, targets[i]))
+        masks = None if mask_targets is None else jax.device_get(
+            checkpoint.restore(os.path.join(d, "masks"), mask_targets[i]))
+      with open(os.path.join(d, "history.json")) as f:
+        info = json.load(f)
+      out.append(Trained(variables, info["history"], masks, info["best"]))
+    return out
+  results = run_fn()
+  for d, c, r in zip(stage_dirs, ckpts, results):
+    if checkpoint.exists(c):  # a seed finished earlier keeps its files
+      continue
+    os.makedirs(d, exist_ok=True)
+    with checkpoint.quiet_logs():
+      if r.masks is not None and mask_targets is not None:
+        checkpoint.save(os.path.join(d, "masks"), r.masks)
+    if parallel.is_main_process():
+      reporting.write_json(os.path.join(d, "history.json"),
+                           {"history": r.history, "best": r.best})
+    with checkpoint.quiet_logs():
+      checkpoint.save(c, r.variables)  # last: its presence marks the stage finished
+  return results
+
+
+def record(stage_dir: str, name: str, measure_fn: Callable[[], dict[str, Any]],
+           show: Sequence[str] = ()) -> dict[str, Any]:
+  """The stage's metrics record ``{"name": name, **measure_fn()}``, cached in its directory.
+
+  Args:
+    stage_dir: where ``record.json`` is kept (a rerun reads it instead of measuring).
+    name: the stage's row label.
+    measure_fn: measures the stage (called only when no record is cached).
+    show: record keys to put in the "stage done" console line.
+  """
+  path = os.path.join(stage_dir, "record.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  rec = {"name": name, **measure_fn()}
+  logging.info("stage done: %s  %s", stage_dir, "  ".join(
+      f"{k} {rec[k]:.4g}" for k in show if isinstance(rec.get(k), (int, float))))
+  if parallel.is_main_process():
+    reporting.write_json(path, rec)
+  return rec
+
+
+def write_report(workdir: str, records: list[dict[str, Any]], **kwargs: Any) -> None:
+  """`reporting.write_report` from process 0 only (the other processes write nothing)."""
+  if parallel.is_main_process():
+    reporting.write_report(workdir, records, **kwargs)

@@ -1,0 +1,791 @@
+"""The vision study: a ResNet-18 teacher, then a MobileNetV2 student compressed stage by stage.
+
+The teacher is trained on labels first. Then the config's ``stages`` run in order, each
+starting from the model the previous one produced (data, like the wireless pipelines),
+for example ``"student,distill,lora,ptq:weights,ptq:dynamic,ptq:static"``:
+
+* ``student``: the student architecture trained on labels from its initialization (the
+  baseline that distillation is judged against).
+* ``distill``: the Hinton et al. (2015) loss against the teacher; from the student's
+  initialization (``distill.init="scratch"``, the same draw as ``student``) or from the
+  previous stage's model (``"previous"``).
+* ``lora``: LoRA adapters (Hu et al., 2021) on the student's conv/dense kernels (never the
+  depthwise ones, nor kernels narrower than the rank), trained alone (KD loss by default),
+  then merged. ``lora.bn="frozen"`` runs batch norm in inference mode while training.
+* ``prune``: fine-tuning under `pruning.wrap` (the ``prune`` block), KD loss.
+* ``quantize``: quantization-aware fine-tuning under `quantization.wrap` at
+  ``quantize.bits`` (``quantize.steps=0``: post-training quantization of the weights).
+* ``ptq:weights|dynamic|static``: post-training quantization of the kernels
+  (`quantization.ptq`, per output channel), with activations in float, quantized at run
+  time per input (``dynamic``) or on ranges calibrated once (``static``).
+
+``prune`` and ``quantize`` constrain every later training stage (their wrappers stack, as
+in the wireless study; the prune stage's masks are carried). Every trained stage keeps its
+best model on the validation split (checked every ``train.eval_every`` steps), resumes
+from its periodic checkpoints after a kill, and skips updates from non-finite gradients.
+
+Every row is measured the same way on the test split: accuracy, macro F1, the confusion
+matrix, the bytes of its packed export (batch norm folded into the convolutions: what a
+deployed model stores), XLA FLOPs and latency. The pass marks (``targets``) come from the
+config. Each stage lives in ``workdir/seed_<s>/<i>_<stage>/``.
+"""
+
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from compressjax import datasets
+from compressjax import distillation
+from compressjax import lora
+from compressjax import quantization
+from compressjax import reporting
+from compressjax import selection
+from compressjax import training
+from compressjax.datasets import DATASETS
+from compressjax.datasets import digits
+from compressjax.models import folding
+from compressjax.models import mobilenet_v2
+from compressjax.models import resnet
+from compressjax.stages import carried_masks
+from compressjax.stages import compose
+from compressjax.stages import prune_plan
+from compressjax.stages import PrunePlan
+from compressjax.studies import engine
+from compressjax.training import metrics as metrics_lib
+from compressjax.training import parallel
+
+KINDS = ("student", "distill", "lora", "prune", "quantize", "ptq")
+PTQ_MODES = ("weights", "dynamic", "static")
+LORA_BN = ("frozen", "update")
+LOSSES = ("kd", "ce")
+DISTILL_INIT = ("scratch", "previous")
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "cifar100_coarse": 20}
+CIFAR_TRAIN = 50000
+
+COLUMNS = (
+    ("name", "stage", "{}"), ("model", "model", "{}"), ("accuracy", "acc", "{:.4f}"),
+    ("f1", "macro F1", "{:.4f}"), ("acc_vs_teacher", "acc / teacher", "{:.1%}"),
+    ("params_total", "params", "{:,}"), ("params_nonzero", "non-zero", "{:,}"),
+    ("bytes", "bytes", "{:,}"), ("compression", "x smaller", "{:.2f}"),
+    ("flops", "FLOPs", "{:.3g}"), ("latency_ms", "latency ms", "{:.3f}"))
+
+
+class StagePlan(NamedTuple):
+  """One stage, resolved.
+
+  Attributes:
+    name: the row label and directory name (``"3_lora"``'s row is ``"lora"``).
+    kind: one of `KINDS`.
+    option: ``ptq``'s mode, else None.
+    steps: training steps (0 for ``ptq``; ``quantize`` with 0 is post-training).
+    optimizer: the stage's optimizer, or None when it does not train.
+    loss: ``"kd"`` (against the teacher) or ``"ce"`` (labels only).
+    from_init: starts from the student's initialization instead of the previous model.
+    constraints: the ``prune``/``quantize`` stages in force (earlier ones and its own).
+  """
+  name: str
+  kind: str
+  option: str | None
+  steps: int
+  optimizer: engine.OptimizerPlan | None
+  loss: str
+  from_init: bool
+  constraints: tuple[str, ...]
+
+
+class Plan(NamedTuple):
+  """What a vision config resolves to (nothing below `run` reads the config).
+
+  Attributes:
+    seeds: the seeds (each trains every stage).
+    train: how stages train (`engine.TrainPlan`).
+    eval_every: steps between validations.
+    padding: random-crop padding (pixels).
+    flip: random horizontal flips.
+    teacher_stage: the teacher's `StagePlan`.
+    stages: the student's stages, in order.
+    temperature: the KD temperature.
+    alpha: the KD soft-target weight.
+    lora_rank: the LoRA rank.
+    lora_alpha: the LoRA scale numerator.
+    lora_bn: ``"frozen"`` or ``"update"``.
+    lora_paths: the kernels LoRA adapts.
+    prune: the prune stage's settings.
+    weight_spec: the weight quantizer (``quantize`` and ``ptq``).
+    act_spec: the activation quantizer (``ptq:dynamic|static``).
+    quant_where: the quantized (and pruned) parameters, by path.
+    weight_method: PTQ weight clipping.
+    calib_method: static activation-range calibration.
+    calib_batches: training batches to calibrate on.
+    eval_batch_size: evaluation batch size.
+    latency_batch: the latency measurement's batch.
+    latency_repeats: timed calls per latency.
+    num_classes: classes of the dataset.
+    image_shape: ``(height, width, channels)``.
+    teacher: the ResNet module.
+    student: the MobileNetV2 module as trained.
+    teacher_apply: the teacher's inference apply.
+    student_apply: the student's inference apply (grouped-conv depthwise: the layer
+      activation quantization intercepts), used for every student row.
+    teacher_name: e.g. ``"resnet18 w64"``.
+    student_name: e.g. ``"mobilenet_v2 x1.0"``.
+    teacher_shapes: abstract teacher variables.
+    student_shapes: abstract student variables.
+    targets: the pass marks ``(label, accuracy ratio, bytes smaller)`` of the final row.
+  """
+  seeds: tuple[int, ...]
+  train: engine.TrainPlan
+  eval_every: int
+  padding: int
+  flip: bool
+  teacher_stage: StagePlan
+  stages: tuple[StagePlan, ...]
+  temperature: float
+  alpha: float
+  lora_rank: int
+  lora_alpha: float
+  lora_bn: str
+  lora_paths: tuple[str, ...]
+  prune: PrunePlan
+  weight_spec: quantization.Spec
+  act_spec: quantization.Spec
+  quant_where: Callable[[str], bool]
+  weight_method: str
+  calib_method: str
+  calib_batches: int
+  eval_batch_size: int
+  latency_batch: int
+  latency_repeats: int
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  teacher: Any
+  student: Any
+  teacher_apply: Callable[..., Any]
+  student_apply: Callable[..., Any]
+  teacher_name: str
+  student_name: str
+  teacher_shapes: Any
+  student_shapes: Any
+  targets: tuple[tuple[str, float, float], ...]
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
+  if not cond:
+    raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+
+def _is_int(v: Any, lo: int) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
+
+
+def _is_num(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _optimizer_plan(cfg: Any, field: str, min_steps: int) -> engine.OptimizerPlan:
+  _check(_is_int(cfg.steps, min_steps), f"{field}.steps", cfg.steps, f"an int >= {min_steps}")
+  _check(cfg.optimizer in engine.OPTIMIZERS, f"{field}.optimizer", cfg.optimizer,
+         f"one of {engine.OPTIMIZERS}")
+  _check(_is_num(cfg.learning_rate) and cfg.learning_rate > 0, f"{field}.learning_rate",
+         cfg.learning_rate, "a finite number > 0")
+  _check(_is_num(cfg.weight_decay) and cfg.weight_decay >= 0, f"{field}.weight_decay",
+         cfg.weight_decay, "a finite number >= 0")
+  _check(_is_int(cfg.warmup_steps, 0) and cfg.warmup_steps < max(cfg.steps, 1),
+         f"{field}.warmup_steps", cfg.warmup_steps, f"an int in [0, {field}.steps)")
+  return engine.OptimizerPlan(cfg.optimizer, float(cfg.learning_rate), int(cfg.steps),
+                              int(cfg.warmup_steps), float(cfg.weight_decay),
+                              decay_kernels_only=True)
+
+
+def _data(config: Any) -> tuple[int, tuple[int, int, int], int]:
+  """Checks the data fields; returns (classes, input shape, training-split size)."""
+  name = config.dataset
+  _check(name in DATASETS, "dataset", name, f"one of {sorted(DATASETS)}")
+  _check(_is_int(config.split_seed, 0), "split_seed", config.split_seed, "an int >= 0")
+  if name == "digits":
+    size = config.image_size
+    _check(_is_int(size, 8) and size % 8 == 0, "image_size", size,
+           "a positive multiple of 8 for digits")
+    _check(_is_int(config.num_test, 1) and config.num_test < digits.NUM_DIGITS, "num_test",
+           config.num_test, f"an int in [1, {digits.NUM_DIGITS})")
+    pool = digits.NUM_DIGITS - config.num_test
+  else:
+    _check(isinstance(config.data_dir, str) and bool(config.data_dir), "data_dir",
+           config.data_dir, f"the location of the {name} archive (a file or a directory; "
+           f"see https://www.cs.toronto.edu/~kriz/cifar.html)")
+    _check(os.path.exists(config.data_dir), "data_dir", config.data_dir, "an existing path")
+    _check(config.image_size == 32, "image_size", config.image_size, "32 for CIFAR")
+    size, pool = 32, CIFAR_TRAIN
+  _check(_is_int(config.num_val, 1) and config.num_val < pool, "num_val", config.num_val,
+         f"an int in [1, {pool})")
+  return NUM_CLASSES[name], (size, size, 3), pool - config.num_val
+
+
+def _models(config: Any, classes: int):
+  t, s = config.teacher, config.student
+  try:
+    teacher = resnet.ResNet(stage_sizes=tuple(t.stage_sizes), num_classes=classes,
+                            width=t.width)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"teacher: {e}") from None
+  stages = mobilenet_v2.CIFAR_STAGES if not s.stages else tuple(tuple(r) for r in s.stages)
+  try:
+    student = mobilenet_v2.MobileNetV2(classes, s.width_multiplier, stages,
+                                       depthwise_impl=s.depthwise_impl)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"student: {e}") from None
+  return teacher, student
+
+
+def lora_paths(params: Any, rank: int, classifier: bool = True) -> tuple[str, ...]:
+  """Kernels LoRA adapts: conv/dense kernels whose matrix view has both sides >= ``rank``,
+  never depthwise ones (``[kh, kw, 1, C]``), and the classifier only if ``classifier``."""
+  out = []
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    name, shape = selection.path_str(path), tuple(x.shape)
+    if not selection.default_where(name) or len(shape) < 2:
+      continue
+    if len(shape) == 4 and shape[2] == 1 and shape[3] > 1:  # depthwise
+      continue
+    if not classifier and name.startswith("classifier/"):
+      continue
+    k = lora.fan_in_axes(name, shape)
+    if min(math.prod(shape[:k]), math.prod(shape[k:])) >= rank:
+      out.append(name)
+  return tuple(out)
+
+
+def parse_stages(text: Any, config: Any) -> tuple[StagePlan, ...]:
+  """Resolves ``config.stages`` (``"student,distill,lora,ptq:weights"``) into plans."""
+  _check(isinstance(text, str), "stages", text, f"a comma-separated string of {KINDS}")
+  items = [s.strip() for s in text.split(",") if s.strip()]
+  _check(len(items) > 0, "stages", text, f"at least one stage of {KINDS}")
+  plans, constraints, seen = [], (), set()
+  for i, item in enumerate(items):
+    kind, _, option = item.partition(":")
+    _check(kind in KINDS, "stages", item, f"stages from {KINDS}")
+    if kind == "ptq":
+      _check(option in PTQ_MODES, "stages", item, f"'ptq:<mode>' with a mode in {PTQ_MODES}")
+      _check(not constraints, "stages", text, "without ptq after prune/quantize (those "
+             "already put the weights on their constraints)")
+    else:
+      _check(not option, "stages", item, f"'{kind}' with no option")
+    _check(item not in seen, "stages", text, "free of repeated stages")
+    seen.add(item)
+    if kind == "lora":
+      _check(not constraints, "stages", text, "without lora after prune/quantize (the "
+             "merged low-rank update would undo their constraints)")
+    if kind in ("prune", "quantize"):
+      constraints += (kind,)
+    c = config.get({"ptq": "quantize"}.get(kind, kind))
+    steps = 0 if kind == "ptq" else c.steps
+    opt = None
+    if kind != "ptq" and not (kind == "quantize" and c.steps == 0):
+      opt = _optimizer_plan(c, kind, 1)
+    elif kind == "quantize":
+      _check(_is_int(c.steps, 0), "quantize.steps", c.steps, "an int >= 0 (0: post-training)")
+    loss = {"student": "ce", "distill": "kd"}.get(kind, c.get("loss", "kd"))
+    _check(loss in LOSSES, f"{kind}.loss", loss, f"one of {LOSSES}")
+    from_init = kind == "student" or (kind == "distill" and c.init == "scratch") or i == 0
+    label = (f"int{config.quantize.bits}_{option}" if kind == "ptq" else kind)
+    plans.append(StagePlan(f"{i + 1}_{label}", kind, option or None, int(steps), opt, loss,
+                           from_init, constraints))
+  return tuple(plans)
+
+
+def validate(config: Any) -> Plan:
+  """Checks every field a vision run uses and resolves the config; raises before any work.
+
+  Args:
+    config: an ``ml_collections.ConfigDict`` shaped like
+      ``experiments/vision_kd_lora_int8.py``.
+
+  Returns:
+    The resolved `Plan`.
+
+  Raises:
+    ValueError: naming the field, its value and what is allowed.
+  """
+  _check(config.get("study") == "vision", "study", config.get("study"), "'vision'")
+  seeds = tuple(config.seeds)
+  _check(len(seeds) > 0 and all(_is_int(s, 0) for s in seeds) and len(set(seeds)) == len(seeds),
+         "seeds", config.seeds, "a non-empty tuple of distinct ints >= 0")
+  classes, shape, num_train = _data(config)
+  tr = config.train
+  _check(_is_int(tr.batch_size, 1) and tr.batch_size <= num_train, "train.batch_size",
+         tr.batch_size, f"an int in [1, {num_train}] (the training split's size)")
+  for f in ("eval_every", "log_every", "max_nonfinite"):
+    _check(_is_int(tr[f], 1), f"train.{f}", tr[f], "an int >= 1")
+  _check(_is_int(tr.checkpoint_every, 0), "train.checkpoint_every", tr.checkpoint_every,
+         "an int >= 0 (0 = no periodic checkpoints)")
+  _check(_is_int(tr.keep_checkpoints, 2), "train.keep_checkpoints", tr.keep_checkpoints,
+         "an int >= 2 (one to fall back on)")
+  _check(isinstance(tr.vmap_seeds, bool), "train.vmap_seeds", tr.vmap_seeds, "True or False")
+  try:
+    devices = parallel.check_num_devices(tr.num_devices, "train.num_devices")
+    parallel.check_batch_size(tr.batch_size, devices, "train.batch_size")
+  except ValueError as e:
+    raise ValueError(f"{e} (train.num_devices={tr.num_devices})") from None
+  a = config.augment
+  _check(_is_int(a.padding, 0) and a.padding < shape[0], "augment.padding", a.padding,
+         f"an int in [0, {shape[0]})")
+  _check(isinstance(a.flip, bool), "augment.flip", a.flip, "a bool")
+  teacher_opt = _optimizer_plan(config.teacher, "teacher", 1)
+  d = config.distill
+  _check(_is_num(d.temperature) and d.temperature > 0, "distill.temperature", d.temperature,
+         "a finite number > 0")
+  _check(_is_num(d.alpha) and 0 <= d.alpha <= 1, "distill.alpha", d.alpha, "a number in [0, 1]")
+  _check(d.init in DISTILL_INIT, "distill.init", d.init, f"one of {DISTILL_INIT}")
+  l = config.lora
+  _check(_is_int(l.rank, 1), "lora.rank", l.rank, "an int >= 1")
+  _check(_is_num(l.alpha) and l.alpha > 0, "lora.alpha", l.alpha, "a finite number > 0")
+  _check(l.bn in LORA_BN, "lora.bn", l.bn, f"one of {LORA_BN}")
+  _check(isinstance(l.classifier, bool), "lora.classifier", l.classifier, "a bool")
+  q = config.quantize
+  try:
+    weight_spec = quantization.Spec(bits=q.bits, symmetric=True, granularity=q.granularity)
+    act_spec = quantization.Spec(bits=q.bits, symmetric=q.act_symmetric)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"quantize.{e}") from None
+  for f in ("weight_method", "calib_method"):
+    _check(q[f] in quantization.RANGE_METHODS, f"quantize.{f}", q[f],
+           f"one of {tuple(quantization.RANGE_METHODS)}")
+  _check(_is_int(q.calib_batches, 1), "quantize.calib_batches", q.calib_batches, "an int >= 1")
+  _check(isinstance(q.skip_depthwise, bool), "quantize.skip_depthwise", q.skip_depthwise,
+         "a bool")
+  prune = prune_plan(config.prune)
+  stages = parse_stages(config.stages, config)
+  e = config.eval
+  for f in ("batch_size", "latency_batch", "latency_repeats"):
+    _check(_is_int(e[f], 1), f"eval.{f}", e[f], "an int >= 1")
+  targets = tuple(tuple(t) for t in config.targets)
+  _check(all(len(t) == 3 and isinstance(t[0], str) and _is_num(t[1]) and _is_num(t[2])
+             for t in targets), "targets", config.targets,
+         "a tuple of (label, accuracy ratio, fraction of bytes saved) triples")
+
+  teacher, student = _models(config, classes)
+  student_eval = student.clone(depthwise_impl="conv")
+  x = jax.ShapeDtypeStruct((1, *shape), np.float32)
+  init = lambda m: jax.eval_shape(lambda x: m.init(jax.random.key(0), x, train=False), x)
+  teacher_shapes, student_shapes = init(teacher), init(student)
+  paths = lora_paths(student_shapes["params"], l.rank, l.classifier)
+  if not paths and any(s.kind == "lora" for s in stages):
+    flat = dict((selection.path_str(p), x.shape) for p, x in
+                jax.tree_util.tree_leaves_with_path(student_shapes["params"]))
+    widest = max(min(math.prod(flat[p][:-1]), flat[p][-1])
+                 for p in lora_paths(student_shapes["params"], 1, l.classifier))
+    raise ValueError(f"lora.rank must be <= {widest} (the widest min(in, out) of the "
+                     f"student's non-depthwise kernels), got {l.rank}")
+  skip_dw = q.skip_depthwise
+  quant_where = lambda p: (selection.default_where(p)
+                           and not (skip_dw and "/depthwise/" in f"/{p}"))
+  apply = lambda m: (lambda variables, x: m.apply(variables, x, train=False))
+  return Plan(
+      seeds=tuple(int(s) for s in seeds),
+      train=engine.TrainPlan(tr.batch_size, tr.log_every, tr.checkpoint_every,
+                             tr.keep_checkpoints, tr.max_nonfinite, tr.num_devices,
+                             tr.vmap_seeds),
+      eval_every=tr.eval_every, padding=a.padding, flip=a.flip,
+      teacher_stage=StagePlan("teacher", "teacher", None, teacher_opt.steps, teacher_opt, "ce",
+                              True, ()),
+      stages=stages, temperature=float(d.temperature), alpha=float(d.alpha),
+      lora_rank=l.rank, lora_alpha=float(l.alpha), lora_bn=l.bn, lora_paths=paths,
+      prune=prune, weight_spec=weight_spec, act_spec=act_spec, quant_where=quant_where,
+      weight_method=q.weight_method, calib_method=q.calib_method,
+      calib_batches=q.calib_batches, eval_batch_size=e.batch_size,
+      latency_batch=e.latency_batch, latency_repeats=e.latency_repeats,
+      num_classes=classes, image_shape=shape, teacher=teacher, student=student,
+      teacher_apply=apply(teacher), student_apply=apply(student_eval),
+      teacher_name=f"resnet{2 + 2 * sum(teacher.stage_sizes)} w{teacher.width}",
+      student_name=f"mobilenet_v2 x{student.width_multiplier:g}",
+      teacher_shapes=teacher_shapes, student_shapes=student_shapes, targets=targets)
+
+
+# ------------------------------------------------------------------------ the pieces
+
+
+class Data(NamedTuple):
+  """The study's data on device: the splits, normalization and the latency batch."""
+  info: datasets.VisionData
+  train: datasets.DeviceData
+  val: datasets.DeviceData
+  test: datasets.DeviceData
+  sample: np.ndarray
+
+
+def load_data(config: Any) -> datasets.VisionData:
+  """The config's image set (digits at ``image_size``, or CIFAR from ``data_dir``)."""
+  kwargs = dict(num_val=config.num_val)
+  if config.dataset == "digits":
+    kwargs.update(size=config.image_size, channels=3, num_test=config.num_test)
+  return datasets.load_dataset(config.dataset, config.data_dir or None, config.split_seed,
+                               **kwargs)
+
+
+def image_forward(model: Any) -> Callable[..., Any]:
+  """`training.make_train_step`'s forward for a linen image classifier: ``{"label": logits}``."""
+
+  def forward(variables, batch, *, train, rngs, mutable=()):
+    del rngs
+    if mutable:
+      logits, mutated = model.apply(variables, batch["image"], train=train, mutable=mutable)
+      return {"label": logits}, mutated
+    return {"label": model.apply(variables, batch["image"], train=train)}
+
+  return forward
+
+
+def ce_loss(outputs, batch, teacher_outputs=None):
+  """Cross-entropy on the labels; metrics: the batch accuracy."""
+  del teacher_outputs
+  logits, labels = outputs["label"], batch["label"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+
+def kd_loss(temperature: float, alpha: float):
+  """The Hinton et al. (2015) loss against the teacher's logits; metrics: batch accuracy."""
+
+  def loss(outputs, batch, teacher_outputs):
+    logits, labels = outputs["label"], batch["label"]
+    value = distillation.kd_loss(logits, teacher_outputs["label"], labels,
+                                 temperature=temperature, alpha=alpha).mean()
+    return value, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+  return loss
+
+
+def predict(apply, variables, data: datasets.DeviceData, batch_size: int, mean, std):
+  """``(labels, predicted classes)`` of every example of ``data``, in order (host arrays)."""
+  fn = jax.jit(apply)
+  norm = jax.jit(lambda d, i: _eval_images(d, i, batch_size, mean, std))
+  out = []
+  for i in range(datasets.num_eval_batches(int(data.labels.shape[0]), batch_size)):
+    x, labels, mask = norm(data, i)
+    out.append((jnp.argmax(fn(variables, x), -1), labels, mask))
+  preds, labels, mask = (np.concatenate(a) for a in zip(*jax.device_get(out)))
+  return labels[mask], preds[mask]
+
+
+def _eval_images(data, index, batch_size, mean, std):
+  images, labels, mask = datasets.eval_batch(data, index, batch_size)
+  return datasets.normalize(images, jnp.asarray(mean, jnp.float32),
+                            jnp.asarray(std, jnp.float32)), labels, mask
+
+
+def classify(apply, variables, data: datasets.DeviceData, batch_size: int, mean, std,
+             num_classes: int) -> dict[str, Any]:
+  """Accuracy, macro precision/recall/F1 and the confusion matrix of a model on ``data``."""
+  labels, preds = predict(apply, variables, data, batch_size, mean, std)
+  return metrics_lib.classification_report(labels, preds, num_classes)
+
+
+def deployed(variables: dict[str, Any], ranges: dict | None = None,
+             epsilon: float = folding.DEFAULT_EPSILON) -> dict[str, Any]:
+  """What a deployed model stores: batch norm folded into the convolutions (only their
+  per-channel biases stay, `folding.strip_batchnorm`), plus the static activation ranges
+  as float32 pairs. ``epsilon``: the model's batch-norm epsilon."""
+  tree = folding.strip_batchnorm(folding.fold_batchnorm(variables, epsilon), epsilon)
+  if ranges:
+    tree = {**tree, "activation_ranges": {k: np.asarray(v, np.float32)
+                                          for k, v in sorted(ranges.items())}}
+  return tree
+
+
+def export_bytes(variables: Any, spec: quantization.Spec | None, where=None,
+                 ranges: dict | None = None, epsilon: float = folding.DEFAULT_EPSILON) -> int:
+  """Bytes of the packed export of a model (float export for ``spec=None``).
+
+  Batch norm is folded first (`deployed`) unless ``spec`` quantizes per tensor: per output
+  channel, the codes of the folded kernel are those of the kernel (signs aside; the
+  scales absorb the fold), so the export re-grids the folded kernels on purpose; one
+  scale per tensor does not commute with the fold, so such exports keep batch norm.
+  """
+  if spec is not None and spec.granularity != "channel":
+    tree = dict(variables) if not ranges else {**variables, "activation_ranges": {
+        k: np.asarray(v, np.float32) for k, v in sorted(ranges.items())}}
+    return quantization.nbytes(quantization.export(tree, spec, where))
+  tree = deployed(variables, ranges, epsilon)
+  if spec is None:
+    return quantization.nbytes(quantization.export(tree, None))
+  return quantization.nbytes(quantization.export(tree, spec, where, regrid=True))
+
+
+def _init(model, key, shape):
+  # Runs once: compiled without LLVM optimization, as its many threefry draws take ~20 s to
+  # compile on CPU at the default level (~2 s at level 0); eager init is as slow, op by op.
+  init = jax.jit(lambda k: model.init(k, np.zeros((1, *shape), np.float32), train=False))
+  compiled = init.lower(key).compile({"xla_backend_optimization_level": 0})
+  return jax.device_get(compiled(key))
+
+
+def _split(v):
+  return v["params"], {k: x for k, x in v.items() if k != "params"}
+
+
+class _Group(NamedTuple):
+  """A group of seeds trained together, and what every stage of it needs."""
+  plan: Plan
+  data: Data
+  seeds: tuple[int, ...]
+  roots: list[str]
+  keys: list[jax.Array]
+  ckpt_root: Callable[[str], str]
+  tag: str
+
+
+def _train(g: _Group, stage: StagePlan, model, inits: list[Any], txs: list[Any],
+           teacher: list[Any] | None, *, forward=None, to_variables=None,
+           include_start=False, stage_id: int) -> list[engine.Trained]:
+  """Trains one stage for the group with best-on-validation selection."""
+  p, d = g.plan, g.data
+  keys = [jax.random.fold_in(k, stage_id) for k in g.keys]
+  train_sets = [datasets.TrainSet(d.train, jax.random.fold_in(k, 1)) for k in keys]
+  params, states = zip(*[_split(v) for v in inits])
+  loss = (kd_loss(p.temperature, p.alpha) if stage.loss == "kd" else ce_loss)
+  teach = None if stage.loss != "kd" else engine.Teacher(image_forward(p.teacher), teacher)
+  apply = p.teacher_apply if model is p.teacher else p.student_apply
+  validate = lambda v: classify(apply, v, d.val, p.eval_batch_size, d.info.mean, d.info.std,
+                                d.info.num_classes)["accuracy"]
+  data_fn = datasets.image_data_fn(p.train.batch_size, d.info.mean, d.info.std, p.padding,
+                                   p.flip)
+  group = training.stack if len(inits) > 1 else (lambda xs: xs[0])
+  return engine.train_group(
+      p.train, f"{g.tag} {stage.name}", forward=forward or image_forward(model), loss_fn=loss,
+      data_fn=data_fn, inits=list(params), txs=txs,
+      keys=[jax.random.fold_in(k, 2) for k in keys], steps=stage.steps,
+      ckpt_dir=g.ckpt_root(stage.name), model_states=list(states),
+      data=group(train_sets), teacher=teach, to_variables=to_variables, validate=validate,
+      validate_every=p.eval_every, include_start=include_start,
+      show=("loss", "accuracy"))
+
+
+def _lora(g: _Group, stage: StagePlan, starts: list[Any], teachers: list[Any],
+          stage_id: int) -> list[engine.Trained]:
+  """Trains LoRA adapters on each seed's model; returns the merged variables."""
+  p = g.plan
+  paths = set(p.lora_paths)
+  adapters = [lora.init(jax.random.fold_in(k, 104 + stage_id), v["params"], rank=p.lora_rank,
+                        alpha=p.lora_alpha, where=lambda q: q in paths)
+              for k, v in zip(g.keys, starts)]
+  merge = lambda params: lora.merge(params["base"], params["lora"], p.lora_alpha)
+  inner = image_forward(p.student)
+
+  def forward(variables, batch, *, train, rngs, mutable=()):
+    merged = {**variables, "params": merge(variables["params"])}
+    if p.lora_bn == "frozen":
+      out = inner(merged, batch, train=False, rngs=rngs)
+      return (out, {k: variables[k] for k in mutable}) if mutable else out
+    return inner(merged, batch, train=train, rngs=rngs, mutable=mutable)
+
+  inits = [{**v, "params": {"base": v["params"], "lora": a}} for v, a in zip(starts, adapters)]
+  txs = [lora.optimizer(engine.optimizer(stage.optimizer))] * len(starts)
+  out = _train(g, stage, p.student, inits, txs, teachers, forward=forward,
+               to_variables=lambda s: {**s.model_state, "params": merge(s.params)},
+               include_start=True, stage_id=stage_id)
+  n = lora.num_parameters(adapters[0])
+  return [r._replace(best={**r.best, "lora_params": n}) for r in out]
+
+
+def _ranges(stage_dir: str, g: _Group, key, wq) -> dict[str, tuple[float, float]]:
+  """Static activation ranges of the INT8-weight model, calibrated once and cached."""
+  p, d = g.plan, g.data
+  path = os.path.join(stage_dir, "ranges.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return {k: tuple(v) for k, v in json.load(f).items()}
+  batches = [datasets.normalize(datasets.train_batch(d.train, key, i, p.train.batch_size)[0],
+                                d.info.mean, d.info.std) for i in range(p.calib_batches)]
+  ranges = quantization.calibrate(lambda x: p.student_apply(wq, x), batches, p.act_spec,
+                                  method=p.calib_method)
+  if parallel.is_main_process():
+    reporting.write_json(path, ranges)
+  return ranges
+
+
+def _measure(g: _Group, apply, variables, spec=None, ranges=None, **extra) -> dict[str, Any]:
+  """Test metrics, export bytes, FLOPs and latency of one model (the same for every row)."""
+  p, d = g.plan, g.data
+  rep = classify(apply, variables, d.test, p.eval_batch_size, d.info.mean, d.info.std,
+                 d.info.num_classes)
+  model = p.teacher if apply is p.teacher_apply else p.student
+  nbytes = export_bytes(variables, spec, p.quant_where, ranges, model.bn_epsilon)
+  counts = training.param_counts(variables["params"])
+  return {**extra, "accuracy": rep["accuracy"], "f1": rep["macro_f1"],
+          "precision": rep["macro_precision"], "recall": rep["macro_recall"],
+          "f1_per_class": rep["f1"], "confusion": rep["confusion"],
+          "params_total": counts["params"], "params_nonzero": counts["nonzero"],
+          "bytes": int(nbytes), "flops": training.flops(apply, variables, d.sample),
+          "latency_ms": 1e3 * training.latency(apply, variables, d.sample,
+                                               repeats=p.latency_repeats)}
+
+
+def _best(r: engine.Trained) -> dict[str, Any]:
+  if not r.best:
+    return {}
+  return {"val_accuracy": r.best["val_accuracy"], "best_step": r.best["step"],
+          "nonfinite_steps": engine.nonfinite_steps(r.history)}
+
+
+def run_group(g: _Group) -> list[list[dict[str, Any]]]:
+  """Runs the teacher and every stage for the group's seeds; one record list per seed."""
+  p = g.plan
+  n = len(g.seeds)
+  dirs = lambda name: [os.path.join(r, name) for r in g.roots]
+  record = lambda d, name, fn: engine.record(d, name, fn, ("accuracy", "bytes"))
+
+  t0 = lambda: [_init(p.teacher, jax.random.fold_in(k, 101), p.image_shape) for k in g.keys]
+  teachers = engine.restore_or_run(
+      dirs("teacher"), [p.teacher_shapes] * n, lambda: _train(
+          g, p.teacher_stage, p.teacher, t0(), [engine.optimizer(p.teacher_stage.optimizer)] * n,
+          None, stage_id=0))
+  teacher_vars = [r.variables for r in teachers]
+  records = [[record(d, "teacher", lambda r=r: _measure(
+      g, p.teacher_apply, r.variables, model=p.teacher_name, bits=32,
+      trainable_params=training.param_counts(r.variables["params"])["params"], **_best(r)))]
+      for d, r in zip(dirs("teacher"), teachers)]
+
+  s0 = lambda: [_init(p.student, jax.random.fold_in(k, 102), p.image_shape) for k in g.keys]
+  current, masks = None, [None] * n
+  for i, stage in enumerate(p.stages):
+    stage_id = i + 1
+    starts = s0() if stage.from_init or current is None else current
+    fresh = stage.kind if stage.kind in ("prune", "quantize") else None
+    extra = dict(model=p.student_name, bits=32, trainable_params=None)
+    if stage.constraints and "quantize" in stage.constraints:
+      extra["bits"] = p.weight_spec.bits
+    spec = p.weight_spec if "quantize" in stage.constraints else None
+    mask_targets = None
+    if stage.kind == "ptq":
+      run = lambda starts=starts: [engine.Trained(
+          {**v, "params": quantization.ptq(v["params"], p.weight_spec, method=p.weight_method,
+                                           where=p.quant_where)}, [], None, None)
+          for v in starts]
+      spec = p.weight_spec
+      extra.update(bits=p.weight_spec.bits, trainable_params=0)
+    elif stage.kind == "quantize" and stage.steps == 0:
+      run = lambda starts=starts, masks=masks: [engine.Trained(
+          {**v, "params": jax.device_get(quantization.quantize_tree(
+              v["params"], p.weight_spec, where=p.quant_where))}, [], m, None)
+          for v, m in zip(starts, masks)]
+    elif stage.kind == "lora":
+      run = lambda starts=starts, stage=stage, sid=stage_id: _lora(g, stage, starts,
+                                                                    teacher_vars, sid)
+    else:
+      opt = engine.optimizer(stage.optimizer)
+      txs = [compose(opt, stage.constraints, p.prune, p.weight_spec, fresh=fresh,
+                     steps=stage.steps, masks=m, where=p.quant_where) for m in masks]
+      run = lambda starts=starts, stage=stage, txs=txs, sid=stage_id: _train(
+          g, stage, p.student, starts, txs, teacher_vars, stage_id=sid)
+      if stage.kind == "prune":
+        mask_targets = [carried_masks(compose(optax.identity(), ("prune",), p.prune,
+                                              p.weight_spec, where=p.quant_where).init(
+                                                  v["params"])) for v in starts]
+    results = engine.restore_or_run(dirs(stage.name), [p.student_shapes] * n, run, mask_targets)
+    current = [r.variables for r in results]
+    if stage.kind == "prune":
+      masks = [r.masks for r in results]
+    label = stage.name.split("_", 1)[1]
+    for recs, d, r in zip(records, dirs(stage.name), results):
+      apply, ranges, row = p.student_apply, None, dict(extra)
+      if row["trainable_params"] is None:
+        row["trainable_params"] = (r.best or {}).get("lora_params") or training.param_counts(
+            r.variables["params"])["params"]
+      if stage.kind == "ptq" and stage.option != "weights":
+        if stage.option == "static":
+          ranges = _ranges(d, g, jax.random.fold_in(g.keys[0], 107), r.variables)
+        apply = quantization.quantize_activations(p.student_apply, p.act_spec, stage.option,
+                                                  ranges=ranges)
+        row.update(act_bits=p.act_spec.bits, act_mode=stage.option)
+      recs.append(record(d, label, lambda r=r, apply=apply, ranges=ranges, row=row, s=spec:
+                         _measure(g, apply, r.variables, s, ranges, **row, **_best(r))))
+  return records
+
+
+def _targets(table: list[dict[str, Any]], targets) -> str:
+  """The config's pass marks, checked on the last row (the final student) against the first."""
+  teacher, final = table[0], table[-1]
+  ratio = final["accuracy"] / max(teacher["accuracy"], 1e-12)
+  smaller = 1.0 - final["bytes"] / teacher["bytes"]
+  verdict = lambda ok: "met" if ok else "NOT met"
+  lines = [f"\n## Targets (final stage `{final['name']}` against the teacher)\n",
+           f"accuracy {final['accuracy']:.4f} = {ratio:.1%} of the teacher's "
+           f"{teacher['accuracy']:.4f}; size {final['bytes']:,} bytes = {smaller:.1%} smaller "
+           f"than the teacher's {teacher['bytes']:,}.\n"]
+  for label, acc_bar, size_bar in targets:
+    lines.append(f"- {label}: accuracy >= {acc_bar:.0%} of the teacher "
+                 f"{verdict(ratio >= acc_bar)}, >= {size_bar:.0%} fewer bytes "
+                 f"{verdict(smaller >= size_bar)}")
+  return "\n".join(lines) + "\n"
+
+
+def run(config: Any, workdir: str) -> list[dict[str, Any]]:
+  """Runs the vision study of ``config`` in ``workdir``; returns the stage records.
+
+  Writes ``metrics.json`` (every record), ``results.md`` (one row per stage, the mean and
+  standard deviation over seeds when there are several, and the config's targets) and the
+  plots (accuracy against packed bytes; the final stage's confusion matrix), from process 0.
+
+  Args:
+    config: a config like ``experiments/vision_kd_lora_int8.py``'s (validated first).
+    workdir: output directory (created); finished stages found there are reused.
+
+  Returns:
+    One flat record per stage and seed (keys: name, model, accuracy, f1, precision, recall,
+    confusion, params_total, params_nonzero, bytes, compression, acc_vs_teacher, flops,
+    latency_ms, val_accuracy, best_step, trainable_params, bits, seed, ...).
+  """
+  plan = validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("devices: %s", jax.devices())
+  info = load_data(config)
+  if info.num_classes != plan.num_classes or info.train_images.shape[1:] != plan.image_shape:
+    raise ValueError(f"dataset {config.dataset} gave {info.num_classes} classes of "
+                     f"{info.train_images.shape[1:]} images, expected {plan.num_classes} of "
+                     f"{plan.image_shape}")
+  train, val, test = (datasets.to_device(x, y) for x, y in (
+      (info.train_images, info.train_labels), (info.val_images, info.val_labels),
+      (info.test_images, info.test_labels)))
+  # The latency batch: the first test images (repeated if the test split is smaller).
+  idx = np.arange(plan.latency_batch) % info.test_images.shape[0]
+  sample = np.asarray(datasets.normalize(info.test_images[idx], info.mean, info.std))
+  data = Data(info, train, val, test, sample)
+  groups = [plan.seeds] if plan.train.vmap_seeds else [(s,) for s in plan.seeds]
+  records = []
+  for seeds in groups:
+    roots = [os.path.join(workdir, f"seed_{s}") for s in seeds]
+    sweep = os.path.join(workdir, "sweep_" + "-".join(map(str, seeds)))
+    ckpt_root = lambda name, roots=roots, sweep=sweep: os.path.join(
+        roots[0] if len(roots) == 1 else sweep, name, "ckpt")
+    tag = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds}"
+    g = _Group(plan, data, seeds, roots, [jax.random.key(s) for s in seeds], ckpt_root, tag)
+    for seed, seed_records in zip(seeds, run_group(g)):
+      base = seed_records[0]
+      for r in seed_records:
+        r.update(seed=int(seed), compression=base["bytes"] / r["bytes"],
+                 acc_vs_teacher=r["accuracy"] / max(base["accuracy"], 1e-12))
+      records += seed_records
+  if len(plan.seeds) > 1:
+    table = reporting.aggregate(records)
+    models = {r["name"]: r["model"] for r in records}
+    for row in table:
+      row.update(model=models[row["name"]],
+                 acc_vs_teacher=row["accuracy"] / max(table[0]["accuracy"], 1e-12))
+  else:
+    table = records
+  title = (f"compressjax vision: {plan.teacher_name} -> {plan.student_name}, "
+           f"{config.dataset}, seeds {plan.seeds}")
+  engine.write_report(workdir, records, table=table, class_names=list(info.class_names),
+                      title=title, columns=COLUMNS, footer=_targets(table, plan.targets))
+  return records
