@@ -1,6 +1,7 @@
 """Quantization: fake quantization with straight-through gradients, a QAT optax wrapper,
 activation quantization, post-training quantization, a packed export with exact sizes and its
-files (`save`, `load_file`)."""
+files (`save`, `load_file`), all on the grid that ``Spec.grid`` names (`GRIDS`,
+`register_grid`)."""
 
 from compressjax.quantization.activations import LAYER_TYPES
 from compressjax.quantization.activations import layer_path
@@ -12,7 +13,9 @@ from compressjax.quantization.calibration import calibrate
 from compressjax.quantization.calibration import minmax
 from compressjax.quantization.calibration import mse
 from compressjax.quantization.calibration import percentile
+from compressjax.quantization.calibration import pow2
 from compressjax.quantization.calibration import ptq
+from compressjax.quantization.calibration import with_method
 from compressjax.quantization.entropy import decode
 from compressjax.quantization.entropy import encode
 from compressjax.quantization.entropy import encoded_nbytes
@@ -29,9 +32,15 @@ from compressjax.quantization.export import pack_bits
 from compressjax.quantization.export import unpack_bits
 from compressjax.quantization.files import load_file
 from compressjax.quantization.files import save
+from compressjax.quantization.grids import CLIPPING_GRIDS
+from compressjax.quantization.grids import GRIDS
+from compressjax.quantization.grids import get_grid
+from compressjax.quantization.grids import register_grid
+from compressjax.quantization.lsq import LSQ
+from compressjax.quantization.lsq import lsq
+from compressjax.quantization.lsq import lsq_init
 from compressjax.quantization.quantizers import GRANULARITIES
 from compressjax.quantization.quantizers import Grid
-from compressjax.quantization.quantizers import LSQ
 from compressjax.quantization.quantizers import Spec
 from compressjax.quantization.quantizers import as_spec
 from compressjax.quantization.quantizers import fake_quant
@@ -39,11 +48,11 @@ from compressjax.quantization.quantizers import from_codes
 from compressjax.quantization.quantizers import grid_from_range
 from compressjax.quantization.quantizers import grid_from_scale
 from compressjax.quantization.quantizers import grid_of
-from compressjax.quantization.quantizers import lsq
-from compressjax.quantization.quantizers import lsq_init
+from compressjax.quantization.quantizers import grid_range
 from compressjax.quantization.quantizers import minmax_range
 from compressjax.quantization.quantizers import quantize
 from compressjax.quantization.quantizers import reduce_axes
+from compressjax.quantization.quantizers import spec_fields
 from compressjax.quantization.quantizers import to_codes
 from compressjax.quantization.wrapper import QuantizationState
 from compressjax.quantization.wrapper import exact_delta

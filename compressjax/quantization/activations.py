@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from compressjax.quantization import grids
 from compressjax.quantization import quantizers
 
 LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose)
@@ -26,11 +27,10 @@ def layer_path(module: nn.Module) -> str:
 
 
 def per_token_grid(x: chex.Array, spec: quantizers.Spec) -> quantizers.Grid:
-  """A grid per token: the range over the last (feature) axis of ``x``."""
+  """A grid per token: ``spec.grid``'s range (min/max by default) over the last (feature) axis
+  of ``x``."""
   x = jnp.asarray(x, jnp.float32)
-  lo = jnp.min(x, axis=-1, keepdims=True)
-  hi = jnp.max(x, axis=-1, keepdims=True)
-  return quantizers.grid_from_range(lo, hi, spec)
+  return quantizers.grid_from_range(*quantizers.grid_range(x, spec, (x.ndim - 1,)), spec)
 
 
 def _intercepted(context, args, where) -> str | None:
@@ -61,12 +61,13 @@ def quantize_activations(apply_fn: Callable[..., Any], spec: quantizers.Spec | i
   """Wraps a linen ``apply`` so the inputs of selected layers are fake-quantized.
 
   ``dynamic``: each token (the vector along the last axis: a sequence position of a Dense
-  input, a pixel of a Conv input) gets its own min/max grid at run time, as in dynamic
-  quantization of LLM activations (Dettmers et al. 2022, "LLM.int8()"; Xiao et al. 2023,
-  "SmoothQuant", per-token). ``static``: one calibrated range per layer (`calibrate`), fixed at
-  run time (Jacob et al. 2018); values beyond it are clipped. Only ``spec.bits`` and
-  ``spec.symmetric`` are used; gradients pass straight through (`fake_quant`), so the wrapped
-  apply also serves quantization-aware training.
+  input, a pixel of a Conv input) gets its own grid at run time (``spec.grid``'s method:
+  min/max by default), as in dynamic quantization of LLM activations (Dettmers et al. 2022,
+  "LLM.int8()"; Xiao et al. 2023, "SmoothQuant", per-token). ``static``: one calibrated range
+  per layer (`calibrate`, from ``spec.grid`` too), fixed at run time (Jacob et al. 2018);
+  values beyond it are clipped. ``spec.granularity`` and ``spec.axis`` are not used; gradients
+  pass straight through (`fake_quant`), so the wrapped apply also serves quantization-aware
+  training.
 
   Pass an apply that is not already jitted (a jitted one may reuse a trace made without the
   interception); jit the returned function instead.
@@ -82,11 +83,12 @@ def quantize_activations(apply_fn: Callable[..., Any], spec: quantizers.Spec | i
     A function with ``apply_fn``'s signature.
   """
   spec = quantizers.as_spec(spec)
+  grids.get_grid(spec.grid)
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   if mode == "static":
     table = _check_ranges(ranges)
-    grids = {p: quantizers.grid_from_range(lo, hi, spec) for p, (lo, hi) in table.items()}
+    by_layer = {p: quantizers.grid_from_range(lo, hi, spec) for p, (lo, hi) in table.items()}
   elif ranges is not None:
     raise ValueError(f"ranges must be None in dynamic mode, got {type(ranges).__name__}")
 
@@ -98,10 +100,10 @@ def quantize_activations(apply_fn: Callable[..., Any], spec: quantizers.Spec | i
     if mode == "dynamic":
       grid = per_token_grid(x, spec)
     else:
-      if path not in grids:
+      if path not in by_layer:
         raise ValueError(f"ranges has no entry for layer {path!r}; calibrate it, or leave it "
-                         f"out with `where` (ranges has {sorted(grids)})")
-      grid = grids[path]
+                         f"out with `where` (ranges has {sorted(by_layer)})")
+      grid = by_layer[path]
     return next_fun(quantizers.fake_quant(x, spec, grid=grid), *args[1:], **kwargs)
 
   def apply_q(*args, **kwargs):

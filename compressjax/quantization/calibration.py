@@ -1,10 +1,14 @@
-"""Post-training quantization: clipping-range methods, weight PTQ, activation calibration.
+"""Post-training quantization: grid methods beyond min/max, weight PTQ, activation calibration.
 
-A range method is one small function ``method(x, spec, axes) -> (lo, hi)`` giving the clipping
-range over ``axes`` (kept as dims); `RANGE_METHODS` names them. Weights use them per tensor or
-per channel (`ptq`); activations per layer over a few calibration batches (`calibrate`).
+A grid method is one small function ``method(x, spec, axes) -> (lo, hi)`` giving the clipping
+range over ``axes`` (kept as dims). ``"percentile"``, ``"mse"`` and ``"pow2"`` are registered
+here in `grids.GRIDS` (beside ``"minmax"``), as any method from outside the library is,
+with `grids.register_grid`; `RANGE_METHODS` is that registry. Weights use them per tensor
+or per channel (`ptq`, and QAT and export through ``Spec.grid``); activations per layer over a
+few calibration batches (`calibrate`).
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -15,6 +19,7 @@ import numpy as np
 
 from compressjax import selection
 from compressjax.quantization import activations
+from compressjax.quantization import grids
 from compressjax.quantization import quantizers
 from compressjax.quantization import wrapper
 
@@ -72,26 +77,47 @@ def mse(x: chex.Array, spec: quantizers.Spec, axes: tuple[int, ...], num_ratios:
   return best * lo, best * hi
 
 
-RANGE_METHODS: dict[str, Callable[..., Any]] = {
-    "minmax": minmax, "percentile": percentile, "mse": mse}
+def pow2(x: chex.Array, spec: quantizers.Spec, axes: tuple[int, ...]):
+  """Power-of-two scales: ``s = 2^k``, the smallest with ``max|x| <= qmax * s`` over ``axes``,
+  given as the range ``[-qmax s, qmax s]`` (whose grid has exactly that scale).
+
+  Nothing clips, and rescaling is a bit shift on fixed-point hardware (Jain et al. 2020,
+  "Trained Quantization Thresholds for Accurate and Efficient Fixed-Point Inference of Deep
+  Neural Networks", power-of-2 scale factors). The values quantized on it give the same scale
+  back: their largest magnitude is ``s`` times a code above ``qmax / 2``.
+
+  Raises:
+    ValueError: for an asymmetric spec (a power-of-two scale here comes with zero point 0).
+  """
+  if not spec.symmetric:
+    raise ValueError("grid 'pow2' needs a symmetric spec (zero point 0), got symmetric=False")
+  x = jnp.asarray(x, jnp.float32)
+  amax = jnp.max(jnp.abs(x), axes, keepdims=True)
+  _, e = jnp.frexp(amax / spec.qmax)  # amax / qmax in [2^(e-1), 2^e)
+  s = jnp.ldexp(jnp.ones_like(amax), e)
+  # Exact comparisons (qmax * s is exact) settle the rounding of the division.
+  s = jnp.where(amax <= spec.qmax * (s / 2), s / 2, s)
+  s = jnp.where(amax > spec.qmax * s, 2 * s, s)
+  a = spec.qmax * jnp.where(amax > 0, s, 1.0)
+  return -a, a
 
 
-def _check_method(method: str) -> Callable[..., Any]:
-  if method not in RANGE_METHODS:
-    raise ValueError(f"method must be one of {tuple(RANGE_METHODS)}, got {method!r}")
-  return RANGE_METHODS[method]
+grids.register_grid("percentile", percentile, clips=True)
+grids.register_grid("mse", mse, clips=True)
+grids.register_grid("pow2", pow2)
+# The grid registry under its earlier name (custom grids appear here too).
+RANGE_METHODS: dict[str, Callable[..., Any]] = grids.GRIDS
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _ptq_leaf(x, spec, method, hessian=None):
-  axes = quantizers.reduce_axes(x.ndim, spec)
-  if method == "mse" and hessian is not None:
+@functools.partial(jax.jit, static_argnums=(1,))
+def _ptq_leaf(x, spec, hessian=None):
+  if spec.grid == "mse" and hessian is not None:
     # Output error of a Dense layer: sum over inputs of d^T H d per output column.
+    axes = quantizers.reduce_axes(x.ndim, spec)
     err = lambda d: jnp.sum(d * (hessian @ d), axes, keepdims=True)
     lo, hi = mse(x, spec, axes, error=err)
-  else:
-    lo, hi = RANGE_METHODS[method](x, spec, axes)
-  return quantizers.quantize(x, spec, grid=quantizers.grid_from_range(lo, hi, spec))
+    return quantizers.quantize(x, spec, grid=quantizers.grid_from_range(lo, hi, spec))
+  return quantizers.quantize(x, spec)
 
 
 def _layer_hessians(calib, paths: list[str]) -> dict[str, np.ndarray]:
@@ -113,33 +139,50 @@ def _layer_hessians(calib, paths: list[str]) -> dict[str, np.ndarray]:
   return out
 
 
-def ptq(params: Any, spec: quantizers.Spec | int, calib=None, method: str = "minmax",
+def with_method(spec: quantizers.Spec | int, method: str | None) -> quantizers.Spec:
+  """``spec`` with ``grid=method`` (``method=None`` keeps ``spec.grid``), both names checked.
+
+  Raises:
+    ValueError: naming ``method`` (or ``grid``) and the registered names, for an unknown one.
+  """
+  spec = quantizers.as_spec(spec)
+  if method is not None:
+    grids.get_grid(method, "method")
+    spec = dataclasses.replace(spec, grid=method)
+  grids.get_grid(spec.grid)
+  return spec
+
+
+def ptq(params: Any, spec: quantizers.Spec | int, calib=None, method: str | None = None,
         where: Where | None = None) -> Any:
   """Post-training weight quantization of the leaves ``where`` selects.
 
-  Each selected leaf goes to the grid of the clipping range from ``method`` (`RANGE_METHODS`:
-  ``"minmax"``, ``"percentile"``, ``"mse"``), per tensor or per channel. The result is on its own
-  min/max grid, so ``export`` stores it exactly and `fake_quant` leaves it unchanged.
+  Each selected leaf goes to its grid under ``spec`` (`quantizers.grid_of`: ``spec.grid``'s
+  method, or ``method``'s), per tensor or per channel. The result is on the grid of
+  ``with_method(spec, method)``, so `export` with that spec stores it exactly and `fake_quant`
+  leaves it unchanged. Clipping methods (``"minmax"``, ``"percentile"``, ``"mse"``) leave it on
+  its own min/max grid too, so the min/max spec also exports it exactly, as before grids had
+  names; export raises rather than re-quantize weights on another registered grid.
 
   Args:
     params: a parameter pytree.
     spec: a `Spec`, or a bit width.
     calib: optional ``(forward, batches)``, ``forward(batch)`` running the float model (for
-      example ``lambda x: model.apply({"params": params}, x)``). With ``method="mse"`` the
+      example ``lambda x: model.apply({"params": params}, x)``). With the ``"mse"`` grid the
       clipping of each 2-D Dense kernel (channel axis -1, or per tensor) then minimizes the
       layer's output error on the batches' inputs, ``sum_j d_j^T (X^T X) d_j``, instead of the
       weight error; other leaves and methods do not use it.
-    method: the clipping-range method.
+    method: a registered grid name (`grids.GRIDS`) used instead of ``spec.grid``; None
+      (default) uses ``spec.grid``.
     where: predicate on the parameter path (default: Dense/Conv kernels).
 
   Returns:
     The quantized params (same structure and dtypes).
   """
-  spec = quantizers.as_spec(spec)
-  _check_method(method)
+  spec = with_method(spec, method)
   flags = wrapper.select_leaves(params, spec, where, "ptq")
   hessians = {}
-  if calib is not None and method == "mse":
+  if calib is not None and spec.grid == "mse":
     hessians = _layer_hessians(calib, selection.selected_paths(params, where))
 
   def leaf(path, x, on):
@@ -148,13 +191,13 @@ def ptq(params: Any, spec: quantizers.Spec | int, calib=None, method: str = "min
     h = hessians.get(selection.path_str(path))
     use_h = (h is not None and jnp.ndim(x) == 2 and h.shape[0] == x.shape[0]
              and (spec.granularity == "tensor" or spec.axis % 2 == 1))
-    return _ptq_leaf(x, spec, method, jnp.asarray(h) if use_h else None).astype(x.dtype)
+    return _ptq_leaf(x, spec, jnp.asarray(h) if use_h else None).astype(x.dtype)
 
   return jax.tree_util.tree_map_with_path(leaf, params, flags)
 
 
 def calibrate(forward: Callable[[Any], Any], batches: Sequence[Any], spec: quantizers.Spec | int,
-              method: str = "minmax", where: activations.LayerWhere | None = None
+              method: str | None = None, where: activations.LayerWhere | None = None
               ) -> dict[str, tuple[float, float]]:
   """Static activation ranges: the clipping range of each selected layer's inputs.
 
@@ -162,15 +205,16 @@ def calibrate(forward: Callable[[Any], Any], batches: Sequence[Any], spec: quant
     forward: ``forward(batch)`` running the model, e.g. ``lambda x: model.apply(variables, x)``
       (not jitted; it is jitted here with the recording interception).
     batches: a few calibration batches.
-    spec: a `Spec` or a bit width (``bits`` and ``symmetric`` matter for ``"mse"``).
-    method: a `RANGE_METHODS` name; the range is per tensor over all the batches' inputs.
+    spec: a `Spec` or a bit width (``grid``, ``bits`` and ``symmetric`` are used).
+    method: a registered grid name used instead of ``spec.grid`` (None: ``spec.grid``); the
+      range (`quantizers.grid_range`) is per tensor over all the batches' inputs.
     where: predicate on the layer path (default: every Dense/DenseGeneral/Conv/ConvTranspose).
 
   Returns:
-    A dict layer path -> ``(lo, hi)`` floats, for `quantize_activations` ``mode="static"``.
+    A dict layer path -> ``(lo, hi)`` floats, for `quantize_activations` ``mode="static"``:
+    ``grid_from_range(lo, hi, spec)`` is the layer's grid.
   """
-  spec = quantizers.as_spec(spec)
-  fn = _check_method(method)
+  spec = with_method(spec, method)
   rec = jax.jit(activations.record_inputs(forward, where))
   seen: dict[str, list[np.ndarray]] = {}
   for batch in batches:
@@ -180,6 +224,6 @@ def calibrate(forward: Callable[[Any], Any], batches: Sequence[Any], spec: quant
     raise ValueError("calibrate: `where` selects no Dense/Conv layer input, got none recorded")
   out = {}
   for layer, xs in seen.items():
-    lo, hi = fn(jnp.concatenate(xs), spec, (0,))
+    lo, hi = quantizers.grid_range(jnp.concatenate(xs), spec, (0,))
     out[layer] = (float(lo[0]), float(hi[0]))
   return out

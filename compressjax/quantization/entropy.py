@@ -17,11 +17,9 @@ CRC-32 of everything before it. `encoded_nbytes` is ``len(encode(packed))``: nam
 structure included, which `export.nbytes` does not count.
 """
 
-import dataclasses
 import json
 import zlib
 from collections.abc import Mapping
-from typing import Any
 
 import constriction
 import jax.numpy as jnp
@@ -294,7 +292,7 @@ def encode(packed: export_lib.Packed) -> bytes:
   records = [_encode_leaf(x, path, blocks) for path, x in leaves]
   try:
     header = json.dumps({"tree": structure, "leaves": records,
-                         "spec": None if spec is None else dataclasses.asdict(spec)},
+                         "spec": None if spec is None else quantizers.spec_fields(spec)},
                         separators=(",", ":")).encode()
   except TypeError as e:
     raise ValueError(f"leaf metadata (shape, bits, axis, dtype) must be Python scalars: "

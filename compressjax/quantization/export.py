@@ -6,6 +6,7 @@ zero points, bitmasks, float values) plus a fixed header per tensor of `header_b
 float32 included, needs them alike).
 """
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import selection
+from compressjax.quantization import grids
 from compressjax.quantization import quantizers
 from compressjax.quantization import wrapper
 
@@ -207,12 +209,46 @@ def detect_spec(x: Any) -> quantizers.Spec | None:
   return None
 
 
+def _most_levels(a: np.ndarray, spec: quantizers.Spec) -> int:
+  """The most distinct values in one tensor or channel of ``a`` (as ``spec`` groups them)."""
+  keep = [d for d in range(a.ndim) if d not in quantizers.reduce_axes(a.ndim, spec)]
+  groups = np.sort(np.moveaxis(a, keep, range(len(keep))).reshape(
+      int(np.prod([a.shape[d] for d in keep])), -1), axis=1)
+  return int((np.diff(groups, axis=1) != 0).sum(1).max()) + 1
+
+
+def _held_by(a: np.ndarray, spec: quantizers.Spec) -> quantizers.Spec | None:
+  """A spec whose grid already holds ``a``: a min/max one (`detect_spec`), or ``spec`` with
+  another registered grid method, or None.
+
+  Values quantized on a clipping grid lie on their own min/max grid, which `detect_spec`
+  finds; the other methods (``"pow2"``, ``clips=False`` ones) are tried at ``spec``'s bits.
+  """
+  found = detect_spec(a)
+  if found is not None:
+    return found
+  # Float weights have far more distinct values than a grid has levels: nothing to look for.
+  if a.size < 2 or _most_levels(a, spec) > 2 * 2 ** spec.bits:
+    return None
+  for name in grids.GRIDS:
+    if name in (spec.grid, "minmax") or name in grids.CLIPPING_GRIDS:
+      continue
+    other = dataclasses.replace(spec, grid=name)
+    try:
+      values = np.asarray(quantizers.quantize(a, other))
+    except ValueError:  # a method that does not take this spec (pow2, asymmetric)
+      continue
+    if _stays(a, values):
+      return other
+  return None
+
+
 def _check_not_regridded(path: str, x: Any, values: np.ndarray, spec: quantizers.Spec) -> None:
   """Raises if export moves ``x`` (dequantized ``values``) off the grid it already sits on."""
   a = np.asarray(x)
   if a.dtype not in (np.float32, np.float64) or _stays(a, values):
     return
-  found = detect_spec(a)
+  found = _held_by(a, spec)
   if found is not None:
     raise ValueError(
         f"export: leaf {path} is already on the grid of {found}, and export with spec={spec} "
@@ -257,22 +293,25 @@ def _store_float(x) -> "np.ndarray | SparseTensor":
 
 def export(params: Any, spec: quantizers.Spec | int | None = 8,
            where: Where | None = None, regrid: bool = False) -> Packed:
-  """Packs the leaves ``where`` selects as ``spec``-bit codes on their min/max grid.
+  """Packs the leaves ``where`` selects as ``spec``-bit codes on their grid (``spec.grid``).
 
   Each selected tensor is stored dense, or as a bitmask of non-zeros plus the non-zero codes
   when that is smaller (about ``1/8 + density * bits/8`` bytes per value). The other float
   leaves (and every leaf when ``spec`` is None: the float baseline of a pruned model) are
   stored as they are, or as a `SparseTensor` (bitmask + non-zero values) when that is smaller.
 
-  One grid: export the params of QAT (`wrap`) or `ptq` with the spec they were made with; they
-  are on its grid already, so nothing moves. Float weights on no grid are quantized here
-  (post-training quantization at export). Weights already on the grid of another spec (found
-  by `detect_spec`, float32/float64 leaves) are never silently re-quantized: export raises,
-  naming the leaf and the spec it is on, unless ``regrid=True`` asks for it.
+  One grid: export the params of QAT (`wrap`) or `ptq` with the spec they were made with, grid
+  method included; they are on its grid already (`quantizers.grid_of` finds it again from
+  them), so nothing moves. Float weights on no grid are quantized here (post-training
+  quantization at export). Weights already on the grid of another spec (a min/max one found
+  by `detect_spec`, or ``spec`` with another registered grid method; float32/float64 leaves)
+  are never silently re-quantized: export raises, naming the leaf and the spec it is on,
+  unless ``regrid=True`` asks for it.
 
   Args:
     params: a parameter pytree (finite values).
-    spec: a `Spec`; a bit width for a symmetric per-tensor one; None to store floats.
+    spec: a `Spec`; a bit width for a symmetric per-tensor min/max one; None to store
+      floats.
     where: predicate on the parameter path (default: Dense/Conv kernels).
     regrid: allow moving selected leaves that are already on another spec's grid onto
       ``spec``'s grid (lossy); default False raises instead.
@@ -283,8 +322,8 @@ def export(params: Any, spec: quantizers.Spec | int | None = 8,
 
   Raises:
     ValueError: if a leaf is not finite (naming its path), ``where`` selects nothing, the
-      spec does not fit a selected leaf, or (``regrid=False``) a selected leaf is already on
-      the grid of another spec.
+      spec (its grid method included) does not fit a selected leaf, or (``regrid=False``) a
+      selected leaf is already on the grid of another spec.
   """
   _check_finite(params)
   if spec is None:

@@ -1,12 +1,13 @@
 """Packed files: `save` a `Packed` export to disk and `load_file` it back, exactly.
 
-Format (version 1). A file is an uncompressed ``.npz`` archive (a zip of ``.npy`` files, which
-``numpy.load`` reads anywhere) with exactly two members:
+Format (version 1, or 2 when the spec names a grid method). A file is an uncompressed ``.npz``
+archive (a zip of ``.npy`` files, which ``numpy.load`` reads anywhere) with exactly two members:
 
 - ``header``: uint8, the UTF-8 bytes of a JSON object::
 
-    {"format": "compressjax.packed", "version": 1,
-     "spec": {"bits": 8, "symmetric": true, "granularity": "channel", "axis": -1} | null,
+    {"format": "compressjax.packed", "version": 1 | 2,
+     "spec": {"bits": 8, "symmetric": true, "granularity": "channel", "axis": -1,
+              "grid": "pow2"} | null,                               # "grid": version 2 only
      "leaves": [{"path": ["Dense_0", "kernel"], "kind": "quantized" | "sparse" | "array",
                  "shape": [...], "dtype": "float32",
                  "bits": 8, "symmetric": true, "axis": 1 | null,    # "quantized" only
@@ -21,6 +22,11 @@ one array ``value``. ``path`` lists dict keys (strings) and list indices (intege
 root. The payload is exactly ``nbytes(packed)`` minus its per-tensor headers, so a file's size
 is `nbytes` plus the JSON (about 250 bytes per tensor) and about 500 bytes of zip and ``.npy``
 headers. The zip's CRC-32 guards the payload against corruption.
+
+Version 2 adds ``spec.grid``, the name of the spec's grid method (`grids.GRIDS`); it is
+written only for a grid other than ``"minmax"``, so files of min/max specs stay version 1 (and
+readable by readers of version 1), and a version-1 file's spec has the min/max grid. Reading
+a file does not need the grid method registered: codes and scales hold the values.
 """
 
 import json
@@ -41,7 +47,8 @@ from compressjax.quantization.export import SparseTensor
 from compressjax.quantization import quantizers
 
 FORMAT = "compressjax.packed"
-VERSION = 1
+VERSION = 2  # written when the spec names a grid method; version 1 otherwise
+VERSIONS = (1, 2)  # the versions this library reads
 _FIELDS = {"quantized": ("codes", "scale", "zero_point", "mask"),
            "sparse": ("values", "mask"), "array": ("value",)}
 
@@ -127,12 +134,9 @@ def save(path: str | os.PathLike, packed: Packed) -> str:
     entry, arrays = _entry(_path_keys(p), leaf)
     entries.append(entry)
     chunks.extend(_little_endian_bytes(a) for a in arrays)
-  spec = packed.spec
-  header = {"format": FORMAT, "version": VERSION,
-            "spec": None if spec is None else {"bits": spec.bits, "symmetric": spec.symmetric,
-                                               "granularity": spec.granularity,
-                                               "axis": spec.axis},
-            "leaves": entries}
+  spec = None if packed.spec is None else quantizers.spec_fields(packed.spec)
+  header = {"format": FORMAT, "version": VERSION if spec is not None and "grid" in spec else 1,
+            "spec": spec, "leaves": entries}
   header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
   path = os.fspath(path)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
@@ -179,9 +183,9 @@ def _read_archive(path: str) -> tuple[dict, np.ndarray]:
     got = header.get("format") if isinstance(header, dict) else type(header).__name__
     raise ValueError(f"{path}: not a compressjax packed file: format must be {FORMAT!r}, "
                      f"got {got!r}")
-  if header.get("version") != VERSION:
+  if header.get("version") not in VERSIONS:
     raise ValueError(f"{path}: unsupported packed file version {header.get('version')!r}; "
-                     f"this library reads version {VERSION}")
+                     f"this library reads versions {VERSIONS}")
   return header, payload
 
 
@@ -293,6 +297,8 @@ def load_file(path: str | os.PathLike) -> Packed:
   header, payload = _read_archive(path)
   try:
     spec = header["spec"]
+    if spec is not None and "grid" in spec and header["version"] < 2:
+      raise ValueError(f"spec.grid needs version 2, got version {header['version']}")
     spec = None if spec is None else quantizers.Spec(**spec)
     tree, offset = None, 0
     for i, entry in enumerate(header["leaves"]):

@@ -1,4 +1,4 @@
-"""Uniform affine quantizers: the spec, fake quantization with a straight-through gradient, LSQ.
+"""Uniform affine quantizers: the spec, its grid methods, fake quantization with an STE.
 
 A `Spec` fixes the integer grid. Symmetric specs use the narrow signed range
 ``q in [-(2^(b-1) - 1), 2^(b-1) - 1]`` with zero point 0 (the TFLite int8 weight spec and
@@ -12,6 +12,18 @@ A scale derived from a range is rounded to 20 significant bits (a relative chang
 quantized values then reproduces the scale and zero point bit for bit, so `fake_quant` is
 idempotent: the QAT wrapper keeps params exactly on the grid, and ``load(export(p))`` equals
 ``fake_quant(p)`` exactly.
+
+Grid methods. ``Spec.grid`` names how a tensor's grid is chosen: a registered range function
+``method(x, spec, axes) -> (lo, hi)`` (`grids.GRIDS`, `grids.register_grid`); the grid is
+``grid_from_range(lo, hi, spec)``. QAT (`wrap`), PTQ (`ptq`), activation quantization
+(`calibrate`, dynamic `quantize_activations`), `fake_quant` and `export` all find grids with
+`grid_range` (or `grid_of`), so a grid registered from outside the library is used by each.
+Export sees only the weights, so a method must give back its grid from the values it quantized
+(see `grids.register_grid`): ``"minmax"`` and ``"pow2"`` do by themselves; clipping methods
+(``"percentile"``, ``"mse"``) do because their clipped ends take the end codes.
+
+LSQ's learned step (module `lsq`) is a trained parameter, not a function of the tensor, so it
+is not a registered grid (the `lsq` module says why); it enters as an explicit ``scale``.
 """
 
 import dataclasses
@@ -19,14 +31,15 @@ import functools
 from typing import NamedTuple
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from compressjax.quantization import grids
 
 GRANULARITIES = ("tensor", "channel")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Spec:
   """A uniform affine quantizer (frozen and hashable: usable as a jit static argument).
 
@@ -36,11 +49,15 @@ class Spec:
     granularity: ``"tensor"`` (one scale) or ``"channel"`` (one scale per index of ``axis``).
     axis: the channel axis for ``granularity="channel"`` (the output axis of Dense/Conv
       kernels is -1); checked against the rank when the spec is applied.
+    grid: the name of the grid method in `grids.GRIDS` (``"minmax"``, ``"percentile"``,
+      ``"mse"``, ``"pow2"`` or one added with `grids.register_grid`); resolved when used, so a
+      spec read from a file can name a grid this process has not registered.
   """
   bits: int = 8
   symmetric: bool = True
   granularity: str = "tensor"
   axis: int = -1
+  grid: str = "minmax"
 
   def __post_init__(self):
     if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -51,6 +68,14 @@ class Spec:
       raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
     if isinstance(self.axis, bool) or not isinstance(self.axis, int):
       raise ValueError(f"axis must be an int, got {self.axis!r}")
+    if not isinstance(self.grid, str) or not self.grid:
+      raise ValueError(f"grid must be a non-empty str naming a grid method, got {self.grid!r}")
+
+  def __repr__(self) -> str:
+    # The default grid is left out, so specs read as they did before grids had names.
+    grid = "" if self.grid == "minmax" else f", grid={self.grid!r}"
+    return (f"Spec(bits={self.bits}, symmetric={self.symmetric}, "
+            f"granularity={self.granularity!r}, axis={self.axis}{grid})")
 
   @property
   def qmin(self) -> int:
@@ -106,6 +131,9 @@ def minmax_range(x: chex.Array, spec: Spec, axes: tuple[int, ...] | None = None)
   return jnp.min(x, axes, keepdims=True), jnp.max(x, axes, keepdims=True)
 
 
+grids.register_grid("minmax", minmax_range)  # the default; the others are in `calibration`
+
+
 def _trim(s: chex.Array) -> chex.Array:
   """Rounds positive float32 ``s`` to nearest with 20 significant bits (relative change at most
   2^-20), by rounding away the low 4 bits of its bit pattern (a carry moves the exponent).
@@ -153,12 +181,6 @@ def grid_from_scale(scale: chex.Array, zero_point: chex.Array | None, spec: Spec
   return Grid(s, z, (spec.qmin - z) * s, (spec.qmax - z) * s)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def grid_of(x: chex.Array, spec: Spec) -> Grid:
-  """The min/max grid of ``x`` (per tensor, or per channel of ``spec.axis``)."""
-  return grid_from_range(*minmax_range(x, spec), spec)
-
-
 def to_codes(x: chex.Array, spec: Spec, grid: Grid) -> chex.Array:
   """Integer codes ``clip(round(x / s) + z, qmin, qmax)`` as float32 (exact integers).
 
@@ -174,6 +196,67 @@ def to_codes(x: chex.Array, spec: Spec, grid: Grid) -> chex.Array:
 def from_codes(codes: chex.Array, grid: Grid) -> chex.Array:
   """Dequantizes: ``(q - z) * s`` in float32."""
   return (codes - grid.zero_point) * grid.scale
+
+
+_HOLD_ULPS = 16  # as export's: QAT can leave an entry an ulp off its grid point
+
+
+def _holds(x: chex.Array, grid: Grid, spec: Spec, axes: tuple[int, ...]) -> chex.Array:
+  """Per group over ``axes``: does quantizing ``x`` on ``grid`` leave every value in place?"""
+  moved = jnp.abs(from_codes(to_codes(x, spec, grid), grid) - x)
+  return jnp.all(moved <= _HOLD_ULPS * jnp.spacing(jnp.abs(x)), axes, keepdims=True)
+
+
+def grid_range(x: chex.Array, spec: Spec, axes: tuple[int, ...] | None = None):
+  """The clipping range of ``x`` under ``spec.grid``'s method, over ``axes`` (kept as dims).
+
+  For a clipping method (``clips=True`` in `grids.register_grid`) a range beyond the data
+  (its grid's range beyond ``[min(x, 0), max(x, 0)]``; for symmetric specs, ``max|range|``
+  beyond ``max|x|``) is cut back to the data's, and a group already on its own min/max grid
+  keeps that grid: the values of a clipped grid, quantized again, stay where they are.
+
+  Args:
+    x: the values.
+    spec: the quantizer; its ``grid`` names the method.
+    axes: the axes a range is shared over (default: per ``spec.granularity``).
+
+  Returns:
+    ``(lo, hi)`` float32, kept as dims over ``axes``; ``grid_from_range(lo, hi, spec)`` is the
+    grid.
+  """
+  method = grids.get_grid(spec.grid)
+  x = jnp.asarray(x, jnp.float32)
+  axes = reduce_axes(x.ndim, spec) if axes is None else tuple(axes)
+  lo, hi = method(x, spec, axes)
+  if spec.grid not in grids.CLIPPING_GRIDS:
+    return lo, hi
+  xlo, xhi = minmax_range(x, spec, axes)
+  # Only a range reaching beyond the data is cut back (bit for bit unchanged otherwise).
+  if spec.symmetric:
+    amax = jnp.maximum(-xlo, xhi)
+    beyond = jnp.maximum(-lo, hi) > amax
+    lo, hi = jnp.where(beyond, -amax, lo), jnp.where(beyond, amax, hi)
+  else:
+    lo = jnp.where(jnp.minimum(lo, 0.0) < jnp.minimum(xlo, 0.0), xlo, lo)
+    hi = jnp.where(jnp.maximum(hi, 0.0) > jnp.maximum(xhi, 0.0), xhi, hi)
+  held = _holds(x, grid_from_range(xlo, xhi, spec), spec, axes)
+  return jnp.where(held, xlo, lo), jnp.where(held, xhi, hi)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def grid_of(x: chex.Array, spec: Spec) -> Grid:
+  """The grid of ``x`` under ``spec`` (per tensor, or per channel of ``spec.axis``): the
+  min/max grid by default, else that of ``spec.grid``'s method (`grid_range`)."""
+  return grid_from_range(*grid_range(x, spec), spec)
+
+
+def spec_fields(spec: Spec) -> dict:
+  """``spec`` as a JSON-ready dict; ``grid`` only when it is not ``"minmax"`` (so files of
+  min/max specs are written as before grids had names)."""
+  fields = dataclasses.asdict(spec)
+  if fields["grid"] == "minmax":
+    del fields["grid"]
+  return fields
 
 
 def _grid(x, spec, scale, zero_point, grid):
@@ -221,9 +304,10 @@ def fake_quant(x: chex.Array, spec: Spec, scale=None, zero_point=None,
   The forward value is exactly `quantize`. The gradient is the identity for ``x`` within half a
   step of the clipping range ``[lo, hi]`` (where the only error is rounding, at most half a
   step) and zero beyond it, as PyTorch's FakeQuantize (Bengio et al. 2013, "Estimating or
-  Propagating Gradients Through Stochastic Neurons"; Jacob et al. 2018). The range comes from
-  the min/max of ``x`` (per channel: over every axis but ``spec.axis``) unless ``scale`` (and
-  for asymmetric specs ``zero_point``) or a ``grid`` is given; the grid gets no gradient.
+  Propagating Gradients Through Stochastic Neurons"; Jacob et al. 2018). The grid is `grid_of`
+  ``x`` (``spec.grid``'s method, by default the min/max of ``x``; per channel: over every axis
+  but ``spec.axis``) unless ``scale`` (and for asymmetric specs ``zero_point``) or a ``grid``
+  is given; the grid gets no gradient.
 
   Args:
     x: a float array.
@@ -238,60 +322,3 @@ def fake_quant(x: chex.Array, spec: Spec, scale=None, zero_point=None,
   x = jnp.asarray(x)
   g = jax.lax.stop_gradient(_grid(x, spec, scale, zero_point, grid))
   return _ste(x, g, spec)
-
-
-def _grad_scale(x, g):
-  return jax.lax.stop_gradient(x - x * g) + x * g
-
-
-def _round_pass(x):
-  return x + jax.lax.stop_gradient(jnp.round(x) - x)
-
-
-def lsq(x: chex.Array, step: chex.Array, spec: Spec) -> chex.Array:
-  """Learned step size quantization (Esser et al. 2020, "Learned Step Size Quantization").
-
-  ``x_hat = round(clip(x / s, -Qn, Qp)) * s`` with the straight-through gradient for ``x``
-  (identity inside the clipping range, zero outside) and the LSQ step gradient
-  ``-x/s + round(x/s)`` inside, ``-Qn`` or ``Qp`` outside, scaled by ``g = 1 / sqrt(N * Qp)``
-  with ``N`` the number of values sharing one step (paper eq. 3 and section 2.2). Symmetric
-  specs use the signed range ``[-Qn, Qp] = [qmin, qmax]``, asymmetric ones the unsigned
-  ``[0, 2^b - 1]`` (the paper's choice for post-ReLU activations).
-
-  Args:
-    x: a float array.
-    step: positive step size(s) broadcastable to ``x`` (one per channel of ``spec.axis`` for
-      per-channel specs).
-    spec: the quantizer.
-
-  Returns:
-    The quantized array, differentiable in ``x`` and ``step``.
-  """
-  x = jnp.asarray(x)
-  step = jnp.asarray(step, x.dtype)
-  n = x.size // max(step.size, 1)
-  s = _grad_scale(step, 1.0 / jnp.sqrt(n * spec.qmax))
-  return _round_pass(jnp.clip(x / s, spec.qmin, spec.qmax)) * s
-
-
-def lsq_init(x: chex.Array, spec: Spec) -> chex.Array:
-  """LSQ's initial step ``2 mean|x| / sqrt(Qp)`` per tensor or channel (Esser et al. 2020)."""
-  x = jnp.asarray(x, jnp.float32)
-  mean = jnp.mean(jnp.abs(x), reduce_axes(x.ndim, spec), keepdims=True)
-  return jnp.maximum(2.0 * mean / jnp.sqrt(spec.qmax), 1e-8)
-
-
-class LSQ(nn.Module):
-  """Flax layer quantizing its input with a learned step (`lsq`), initialized by `lsq_init`.
-
-  Attributes:
-    spec: the quantizer; per-channel specs learn one step per index of ``spec.axis``.
-  """
-  spec: Spec
-
-  @nn.compact
-  def __call__(self, x: chex.Array) -> chex.Array:
-    self.spec.check(jnp.ndim(x), "LSQ input")
-    step = self.param("step", lambda _: lsq_init(x, self.spec))
-    return lsq(x, step, self.spec)
-

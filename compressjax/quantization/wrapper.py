@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from compressjax import selection
+from compressjax.quantization import grids
 from compressjax.quantization import quantizers
 
 Where = selection.Where
@@ -30,7 +31,8 @@ def select_leaves(params: Any, spec: quantizers.Spec, where: Where | None, name:
   """Selects leaves for quantization, or raises ``ValueError`` naming ``name``.
 
   The selection must be non-empty, and every selected leaf floating with ``spec.axis`` in
-  range for its rank.
+  range for its rank; ``spec.grid`` must be registered and its method must accept the leaf
+  (traced abstractly: `pow2` refuses asymmetric specs).
 
   Returns:
     The bool pytree of `compressjax.selection.select`.
@@ -38,16 +40,18 @@ def select_leaves(params: Any, spec: quantizers.Spec, where: Where | None, name:
   selection.check_selects_something(params, where, name)
   flags = selection.select(params, where)
   selection.check_floating(params, flags, name)
+  grids.get_grid(spec.grid)
   for (path, x), on in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(flags)):
     if on:
       spec.check(jnp.ndim(x), selection.path_str(path))
+      jax.eval_shape(lambda a: quantizers.grid_of(a, spec), x)
   return flags
 
 
 def quantize_tree(params: Any, spec: quantizers.Spec | int, where: Where | None = None) -> Any:
-  """Puts the leaves ``where`` selects on their min/max grid (`quantize`); others pass through.
+  """Puts the leaves ``where`` selects on their grid (`quantize`); others pass through.
 
-  The same as ``ptq(params, spec, method="minmax")``: a QAT starting point already on the grid.
+  The same as ``ptq(params, spec)``: a QAT starting point already on the grid.
   """
   spec = quantizers.as_spec(spec)
   flags = select_leaves(params, spec, where, "quantize_tree")
@@ -56,10 +60,12 @@ def quantize_tree(params: Any, spec: quantizers.Spec | int, where: Where | None 
 
 def grid_of_survivors(latent: chex.Array, params: chex.Array,
                       spec: quantizers.Spec) -> quantizers.Grid:
-  """The min/max grid of ``latent`` over the entries where ``params`` is non-zero.
+  """The grid (`quantizers.grid_of`) of ``latent`` with the entries that are zero in ``params``
+  set to zero.
 
-  Exact zeros of the current params (pruned weights) do not stretch the grid; a tensor or
-  channel whose params are all zero (zero-initialized, or pruned whole) uses all its entries.
+  Exact zeros of the current params (pruned weights) stay zero, so their latent values do not
+  set the grid (under min/max, a zero never stretches it); a tensor or channel whose params are
+  all zero (zero-initialized, or pruned whole) uses all its entries.
 
   Args:
     latent: the new latent float weights.
@@ -73,9 +79,7 @@ def grid_of_survivors(latent: chex.Array, params: chex.Array,
   latent = jnp.asarray(latent, jnp.float32)
   use = params != 0
   use = use | ~jnp.any(use, axis=axes, keepdims=True)
-  lo = jnp.min(jnp.where(use, latent, jnp.inf), axis=axes, keepdims=True)
-  hi = jnp.max(jnp.where(use, latent, -jnp.inf), axis=axes, keepdims=True)
-  return quantizers.grid_from_range(lo, hi, spec)
+  return quantizers.grid_of(jnp.where(use, latent, 0.0), spec)
 
 
 def exact_delta(new: chex.Array, old: chex.Array) -> chex.Array:
@@ -99,14 +103,15 @@ def wrap(inner: optax.GradientTransformation, spec: quantizers.Spec | int,
   the gradients (taken at the quantized params) with the latent weights as its ``params``, adds
   its updates to the latent weights, and returns ``quantize(latent') - params`` for the
   selected leaves (``inner``'s updates for the others): the straight-through estimator
-  (Courbariaux et al. 2015, "BinaryConnect"; Jacob et al. 2018). The grid is the min/max grid
-  of the new latent weights over the entries that are non-zero in the current params (see
-  `grid_of_survivors`: pruned zeros do not stretch it), so after ``optax.apply_updates`` the
-  params equal ``fake_quant(params)``: bit for bit, except that an entry whose update exceeds
-  its new value in magnitude (a sign flip) can land one ulp off, since float32 ``p + u`` cannot
-  always reach it (`exact_delta`). Zeros are always exact. Before the first update the params
-  are the float initial ones. Put this wrapper last in an ``optax.chain``: a transform after it
-  would move the params off the grid.
+  (Courbariaux et al. 2015, "BinaryConnect"; Jacob et al. 2018). The grid is ``spec.grid``'s
+  (min/max by default) of the new latent weights, with the entries that are zero in the
+  current params as zeros (`grid_of_survivors`: pruned weights do not set it), so after
+  ``optax.apply_updates`` the params equal ``fake_quant(params)`` and ``export(params, spec)``
+  stores them as they are (`grids.register_grid` says what a method needs for this): bit for
+  bit, except that an entry whose update exceeds its new value in magnitude (a sign flip) can
+  land one ulp off, since float32 ``p + u`` cannot always reach it (`exact_delta`). Zeros are
+  always exact. Before the first update the params are the float initial ones. Put this
+  wrapper last in an ``optax.chain``: a transform after it would move the params off the grid.
 
   Nesting with `compressjax.pruning.wrap` (both orders keep pruned zeros exactly zero, because
   0.0 is on every grid):
@@ -128,17 +133,20 @@ def wrap(inner: optax.GradientTransformation, spec: quantizers.Spec | int,
 
   Args:
     inner: the optimizer for the latent weights.
-    spec: a `Spec`, or a bit width for a symmetric per-tensor one.
+    spec: a `Spec` (its ``grid`` picks the grid method), or a bit width for a symmetric
+      per-tensor min/max one.
     where: predicate on the '/'-joined parameter path (default: Dense/Conv kernels).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
 
   Raises:
-    ValueError: at ``init``, if ``where`` selects nothing, selects a non-floating leaf, or
-      ``spec.axis`` is out of range for a selected leaf.
+    ValueError: if ``spec.grid`` is not registered; at ``init``, if ``where`` selects nothing,
+      selects a non-floating leaf, or ``spec.axis`` or the grid method does not fit a
+      selected leaf.
   """
   spec = quantizers.as_spec(spec)
+  grids.get_grid(spec.grid)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
