@@ -9,6 +9,7 @@ against the seed's teacher; `references` runs LS, LMMSE, perfect CSI and the cla
 that knows the channel; `COLUMNS` and `footer` make ``results.md``.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -39,11 +40,19 @@ def snr_summary(snr_db: list, rates: list) -> dict[str, Any]:
   return {f"snr_at_{t:.0e}": training.metrics.snr_at(snr_db, rates, t) for t in SER_TARGETS}
 
 
+@functools.lru_cache(maxsize=None)
+def _programs(model_cfg: Any) -> tuple[Any, Any]:
+  """The jitted predict and apply of an architecture: every stage of one architecture
+  reuses their compiled programs (evaluation, FLOPs and latency compile once)."""
+  model = _model(model_cfg)
+  return (training.make_predict_fn(training.multitask_forward(model.apply)),
+          jax.jit(model.apply))
+
+
 def measure(config: Any, setup: Setup, model_cfg: Any, params: Any, eval_batches: list,
             quantized: bool) -> dict[str, Any]:
   """Every metric of one model on the fixed evaluation batches (the same code for all)."""
-  model = _model(model_cfg)
-  predict = training.make_predict_fn(training.multitask_forward(model.apply))
+  predict, apply = _programs(model_cfg)
   e = config.eval
   edges = training.evaluation.point_edges(tuple(e.snr_points))
   ev = training.evaluate(predict, {"params": params}, eval_batches,
@@ -53,7 +62,7 @@ def measure(config: Any, setup: Setup, model_cfg: Any, params: Any, eval_batches
             if quantized else float_nbytes)
   first_task = sorted(eval_batches[0])[0]
   sample = eval_batches[0][first_task].iq[:e.latency_batch]
-  cost = training.model_cost(model.apply, {"params": params}, sample, nbytes_fn=nbytes,
+  cost = training.model_cost(apply, {"params": params}, sample, nbytes_fn=nbytes,
                              repeats=e.latency_repeats)
   rec = {"params_total": cost["params"], "params_nonzero": cost["nonzero"],
          "bytes": cost["bytes"], "flops": cost["flops"], "latency_ms": cost["latency_ms"],

@@ -114,9 +114,9 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
       20 if tiny else 150, "adam", 2e-4, 0.0, 0, loss="kd",
       bits=8,
       granularity="channel",    # weights: one scale per output channel | tensor
-      weight_method="minmax",   # weight clipping: minmax | percentile | mse
+      weight_method="minmax",   # weight grid: minmax | percentile | mse | pow2 | registered
       act_symmetric=False,      # activations: unsigned with a zero point (post-ReLU6 >= 0)
-      calib_method="minmax",    # static activation ranges: minmax | percentile | mse
+      calib_method="minmax",    # activation grid: minmax | percentile | mse | registered
       calib_batches=2 if tiny else 8,   # training batches (no augmentation) to calibrate on
       skip_depthwise=False,     # keep depthwise kernels in float
   )

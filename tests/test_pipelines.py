@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -37,8 +38,13 @@ def _config(**only):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+  """One tiny run for the whole module: P-Q-KD and Q-P-KD, plus a pipeline whose only stage
+  is P-Q-KD's first (a shared prefix) and the uncompressed control."""
   workdir = str(tmp_path_factory.mktemp("run"))
   config = _config()
+  config.pipelines.prune = "prune"
+  config.pipelines.control = "finetune"
+  config.finetune.steps = 5
   records = wireless.run(config, workdir)
   return config, workdir, records
 
@@ -58,7 +64,7 @@ def test_metrics_json_has_every_metric_for_every_stage(run):
   names = [r["name"] for r in records]
   assert names == ["teacher", "P-Q-KD/1_prune", "P-Q-KD/2_quantize",
                    "P-Q-KD/3_distill:inherit", "Q-P-KD/1_quantize", "Q-P-KD/2_prune",
-                   "Q-P-KD/3_distill:inherit"]
+                   "Q-P-KD/3_distill:inherit", "control/1_finetune", "prune/1_prune"]
   for r in records:
     missing = [m for m in METRICS if r.get(m) is None]
     assert not missing, (r["name"], missing)
@@ -160,9 +166,12 @@ def test_launch_rejects_a_workdir_that_is_a_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_post_training_quantization_stage_keeps_the_pruned_zeros(tmp_path):
+def test_post_training_quantization_stage_keeps_the_pruned_zeros(run, tmp_path):
   c = _config(PQ="prune,quantize")
   c.quantize.steps = 0  # PTQ: no training, the stack's constraints applied once
+  # The module run's teacher (same training config): restored, not trained again.
+  shutil.copytree(os.path.join(run[1], "seed_0", "teacher"), tmp_path / "seed_0" / "teacher",
+                  ignore=shutil.ignore_patterns("ckpt"))
   records = {r["name"]: r for r in wireless.run(c, str(tmp_path))}
   pruned, ptq = records["PQ/1_prune"], records["PQ/2_quantize"]
   assert ptq["sparsity"] >= c.prune.sparsity - 1e-3
@@ -221,13 +230,13 @@ def test_pipeline_carries_the_prune_stage_masks_to_every_later_stage(run):
 
 
 @pytest.mark.slow
-def test_a_shared_stage_prefix_runs_once(tmp_path):
-  c = _config(prune="prune", PQ="prune,quantize", control="finetune")
-  c.finetune.steps = 5
-  records = {r["name"]: r for r in wireless.run(c, str(tmp_path))}
+def test_a_shared_stage_prefix_runs_once(run):
+  _, workdir, records = run
+  records = {r["name"]: r for r in records}
   shared = records["prune/1_prune"]
-  assert shared["same_as"] == "PQ/1_prune" and not os.path.exists(tmp_path / "seed_0" / "prune")
-  assert shared["ser"]["model"] == records["PQ/1_prune"]["ser"]["model"]
+  assert shared["same_as"] == "P-Q-KD/1_prune"
+  assert not os.path.exists(os.path.join(workdir, "seed_0", "prune"))
+  assert shared["ser"]["model"] == records["P-Q-KD/1_prune"]["ser"]["model"]
   # The control is trained, uncompressed: fp32 bytes and no pruned weights.
   control = records["control/1_finetune"]
   assert control["bits"] == 32 and control["bytes"] == records["teacher"]["bytes"]

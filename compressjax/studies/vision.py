@@ -119,11 +119,9 @@ class Plan(NamedTuple):
     lora_bn: ``"frozen"`` or ``"update"``.
     lora_paths: the kernels LoRA adapts.
     prune: the prune stage's settings.
-    weight_spec: the weight quantizer (``quantize`` and ``ptq``).
-    act_spec: the activation quantizer (``ptq:dynamic|static``).
+    weight_spec: the weight quantizer (``quantize`` and ``ptq``; its grid: the clipping).
+    act_spec: the activation quantizer (``ptq:dynamic|static``; its grid: the calibration).
     quant_where: the quantized (and pruned) parameters, by path.
-    weight_method: PTQ weight clipping.
-    calib_method: static activation-range calibration.
     calib_batches: training batches to calibrate on.
     eval_batch_size: evaluation batch size.
     latency_batch: the latency measurement's batch.
@@ -134,7 +132,9 @@ class Plan(NamedTuple):
     student: the MobileNetV2 module as trained.
     teacher_apply: the teacher's inference apply.
     student_apply: the student's inference apply (grouped-conv depthwise: the layer
-      activation quantization intercepts), used for every student row.
+      activation quantization intercepts), used for every student row; jitted, like
+      ``teacher_apply``, so that every row of a model shares one compiled program.
+    student_eval: that model (for the activation quantizer, which must trace it itself).
     teacher_name: e.g. ``"resnet18 w64"``.
     student_name: e.g. ``"mobilenet_v2 x1.0"``.
     teacher_shapes: abstract teacher variables.
@@ -158,8 +158,6 @@ class Plan(NamedTuple):
   weight_spec: quantization.Spec
   act_spec: quantization.Spec
   quant_where: Callable[[str], bool]
-  weight_method: str
-  calib_method: str
   calib_batches: int
   eval_batch_size: int
   latency_batch: int
@@ -170,6 +168,7 @@ class Plan(NamedTuple):
   student: Any
   teacher_apply: Callable[..., Any]
   student_apply: Callable[..., Any]
+  student_eval: Any
   teacher_name: str
   student_name: str
   teacher_shapes: Any
@@ -353,14 +352,16 @@ def validate(config: Any) -> Plan:
   _check(l.bn in LORA_BN, "lora.bn", l.bn, f"one of {LORA_BN}")
   _check(isinstance(l.classifier, bool), "lora.classifier", l.classifier, "a bool")
   q = config.quantize
+  # The grids are the registry's (quantization.register_grid): QAT, PTQ, calibration and
+  # the export all use the spec's.
+  for f in ("weight_method", "calib_method"):
+    quantization.get_grid(q[f], f"quantize.{f}")
   try:
-    weight_spec = quantization.Spec(bits=q.bits, symmetric=True, granularity=q.granularity)
-    act_spec = quantization.Spec(bits=q.bits, symmetric=q.act_symmetric)
+    weight_spec = quantization.Spec(bits=q.bits, symmetric=True, granularity=q.granularity,
+                                    grid=q.weight_method)
+    act_spec = quantization.Spec(bits=q.bits, symmetric=q.act_symmetric, grid=q.calib_method)
   except (TypeError, ValueError) as e:
     raise ValueError(f"quantize.{e}") from None
-  for f in ("weight_method", "calib_method"):
-    _check(q[f] in quantization.RANGE_METHODS, f"quantize.{f}", q[f],
-           f"one of {tuple(quantization.RANGE_METHODS)}")
   _check(_is_int(q.calib_batches, 1), "quantize.calib_batches", q.calib_batches, "an int >= 1")
   _check(isinstance(q.skip_depthwise, bool), "quantize.skip_depthwise", q.skip_depthwise,
          "a bool")
@@ -390,7 +391,8 @@ def validate(config: Any) -> Plan:
   skip_dw = q.skip_depthwise
   quant_where = lambda p: (selection.default_where(p)
                            and not (skip_dw and "/depthwise/" in f"/{p}"))
-  apply = lambda m: (lambda variables, x: m.apply(variables, x, train=False))
+  # Jitted once: evaluation, FLOPs and latency of every row of a model share its program.
+  apply = lambda m: jax.jit(lambda variables, x: m.apply(variables, x, train=False))
   return Plan(
       seeds=tuple(int(s) for s in seeds),
       train=engine.TrainPlan(tr.batch_size, tr.log_every, tr.checkpoint_every,
@@ -402,11 +404,10 @@ def validate(config: Any) -> Plan:
       stages=stages, temperature=float(d.temperature), alpha=float(d.alpha),
       lora_rank=l.rank, lora_alpha=float(l.alpha), lora_bn=l.bn, lora_paths=paths,
       prune=prune, weight_spec=weight_spec, act_spec=act_spec, quant_where=quant_where,
-      weight_method=q.weight_method, calib_method=q.calib_method,
       calib_batches=q.calib_batches, eval_batch_size=e.batch_size,
       latency_batch=e.latency_batch, latency_repeats=e.latency_repeats,
       num_classes=classes, image_shape=shape, teacher=teacher, student=student,
-      teacher_apply=apply(teacher), student_apply=apply(student_eval),
+      teacher_apply=apply(teacher), student_apply=apply(student_eval), student_eval=student_eval,
       teacher_name=f"resnet{2 + 2 * sum(teacher.stage_sizes)} w{teacher.width}",
       student_name=f"mobilenet_v2 x{student.width_multiplier:g}",
       teacher_shapes=teacher_shapes, student_shapes=student_shapes, targets=targets)
@@ -468,7 +469,7 @@ def kd_loss(temperature: float, alpha: float):
 
 def predict(apply, variables, data: datasets.DeviceData, batch_size: int, mean, std):
   """``(labels, predicted classes)`` of every example of ``data``, in order (host arrays)."""
-  fn = jax.jit(apply)
+  fn = apply if hasattr(apply, "lower") else jax.jit(apply)  # a jitted apply is reused
   norm = jax.jit(lambda d, i: _eval_images(d, i, batch_size, mean, std))
   out = []
   for i in range(datasets.num_eval_batches(int(data.labels.shape[0]), batch_size)):
@@ -607,8 +608,8 @@ def _ranges(stage_dir: str, g: _Group, key, wq) -> dict[str, tuple[float, float]
       return {k: tuple(v) for k, v in json.load(f).items()}
   batches = [datasets.normalize(datasets.train_batch(d.train, key, i, p.train.batch_size)[0],
                                 d.info.mean, d.info.std) for i in range(p.calib_batches)]
-  ranges = quantization.calibrate(lambda x: p.student_apply(wq, x), batches, p.act_spec,
-                                  method=p.calib_method)
+  ranges = quantization.calibrate(lambda x: p.student_eval.apply(wq, x, train=False), batches,
+                                  p.act_spec)
   if parallel.is_main_process():
     reporting.write_json(path, ranges)
   return ranges
@@ -669,8 +670,7 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
     mask_targets = None
     if stage.kind == "ptq":
       run = lambda starts=starts: [engine.Trained(
-          {**v, "params": quantization.ptq(v["params"], p.weight_spec, method=p.weight_method,
-                                           where=p.quant_where)}, [], None, None)
+          {**v, "params": quantization.ptq(v["params"], p.weight_spec, where=p.quant_where)}, [], None, None)
           for v in starts]
       spec = p.weight_spec
       extra.update(bits=p.weight_spec.bits, trainable_params=0)
@@ -705,8 +705,9 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
       if stage.kind == "ptq" and stage.option != "weights":
         if stage.option == "static":
           ranges = _ranges(d, g, jax.random.fold_in(g.keys[0], 107), r.variables)
-        apply = quantization.quantize_activations(p.student_apply, p.act_spec, stage.option,
-                                                  ranges=ranges)
+        apply = jax.jit(quantization.quantize_activations(
+            lambda v, x: p.student_eval.apply(v, x, train=False), p.act_spec, stage.option,
+            ranges=ranges))
         row.update(act_bits=p.act_spec.bits, act_mode=stage.option)
       recs.append(record(d, label, lambda r=r, apply=apply, ranges=ranges, row=row, s=spec:
                          _measure(g, apply, r.variables, s, ranges, **row, **_best(r))))

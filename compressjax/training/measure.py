@@ -61,13 +61,19 @@ def flops(fn: Callable[..., Any], *args: Any) -> float:
   """FLOPs of one call ``fn(*args)`` from XLA's cost analysis of the compiled program.
 
   Args:
-    fn: a jax-traceable function (e.g. ``lambda v, x: model.apply(v, x)``).
+    fn: a jax-traceable function (e.g. ``lambda v, x: model.apply(v, x)``), or a jitted
+      one (its compiled program is reused: no second compilation).
     *args: its arguments (arrays or ``jax.ShapeDtypeStruct``).
 
   Returns:
     The FLOP count (float).
   """
-  return _flops_of(jax.jit(fn).lower(*args).compile().cost_analysis())
+  return _flops_of(_jitted(fn).lower(*args).compile().cost_analysis())
+
+
+def _jitted(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` itself if it is already jitted (sharing its compilation cache), else its jit."""
+  return fn if hasattr(fn, "lower") else jax.jit(fn)
 
 
 def latency(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: int = 10) -> float:
@@ -77,7 +83,7 @@ def latency(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: int = 
   dispatch does not hide the work.
 
   Args:
-    fn: a jax-traceable function.
+    fn: a jax-traceable function, or a jitted one (reused as is).
     *args: concrete arguments.
     warmup: untimed calls first (the first one compiles).
     repeats: timed calls.
@@ -87,7 +93,7 @@ def latency(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: int = 
   """
   if warmup < 1 or repeats < 1:
     raise ValueError(f"warmup and repeats must be >= 1, got {warmup}, {repeats}")
-  jitted = jax.jit(fn)
+  jitted = _jitted(fn)
   for _ in range(warmup):
     jax.block_until_ready(jitted(*args))
   times = []
@@ -104,7 +110,9 @@ def model_cost(apply_fn: Callable[..., Any], variables: Mapping[str, Any], sampl
   """Parameter counts, bytes, forward FLOPs and median latency of one model.
 
   Args:
-    apply_fn: ``model.apply`` (called as ``apply_fn(variables, sample)``, inference).
+    apply_fn: ``model.apply`` (called as ``apply_fn(variables, sample)``, inference), or
+      its jit (pass the same jitted object for every model of one architecture: it
+      compiles once).
     variables: ``{"params": ..., **other collections}``.
     sample: one input batch (its batch size is the one measured).
     nbytes_fn: the exporter's byte count for ``variables["params"]`` (see
@@ -114,7 +122,7 @@ def model_cost(apply_fn: Callable[..., Any], variables: Mapping[str, Any], sampl
   Returns:
     ``{"params", "nonzero", "bytes", "flops", "latency_ms"}``.
   """
-  fwd = lambda v, x: apply_fn(v, x)
+  fwd = _jitted(apply_fn)  # one program for the FLOPs and the latency
   counts = param_counts(variables["params"])
   return {**counts, "bytes": packed_bytes(variables["params"], nbytes_fn),
           "flops": flops(fwd, variables, sample),
