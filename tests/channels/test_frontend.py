@@ -1,6 +1,7 @@
 """The model-based front end: LS taps, noise estimate, FIR MMSE equalizer, feature layout."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +14,36 @@ from compressjax.channels import frontend
 CFG = channels.ChannelConfig(modulation="qam16", seq_len=64, num_pilots=8, profile="inf_los",
                              num_taps=4, doppler_hz=0.0, snr_db=20.0)
 T, P, L = 4, 8, 64
+PRIOR = tuple(float(p) for p in CFG.tap_powers)
+# Every test draws N frames of CFG (at its own SNR and seed), so the simulator compiles once
+# and the front end twice (LS and LMMSE taps); the tests are compile-bound, not compute-bound.
+N = 1000
+# These tiny programs spend their time in XLA's LLVM passes; -O0 codegen halves the compile.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+_pilot_features = _jit(frontend.pilot_features, static_argnums=(1, 2, 3))
+_fir = _jit(jax.vmap(lambda y, h, n0: frontend.fir_mmse_equalize(y, h, n0, 6 * T, 2 * T)))
 
 
 def _complex(iq):
   return np.asarray(iq[..., 0]) + 1j * np.asarray(iq[..., 1])
+
+
+@functools.lru_cache
+def _frames(seed, snr_db):
+  return channels.simulate(jax.random.key(seed), dataclasses.replace(CFG, snr_db=snr_db), N,
+                           "symbols")
+
+
+@functools.lru_cache
+def _features(seed, snr_db, prior=None):
+  return np.asarray(_pilot_features(_frames(seed, snr_db).iq, P, T, prior))
+
+
+@functools.lru_cache
+def _fir_true_channel(seed, snr_db):
+  """The FIR equalizer of every frame, designed for its true taps and N0."""
+  b = _frames(seed, snr_db)
+  return _fir(jnp.asarray(_complex(b.iq), jnp.complex64), b.taps, b.noise_var)
 
 
 def test_feature_count_and_layout():
@@ -24,9 +51,8 @@ def test_feature_count_and_layout():
   assert frontend.num_features("pilots", T) == 12 + 2 * T
   with pytest.raises(ValueError, match="tap_powers must be None or 4"):
     frontend.pilot_features(jnp.zeros((1, L, 2)), P, T, (1.0, 0.0))
-  b = channels.simulate(jax.random.key(0), CFG, 8, "symbols")
-  f = np.asarray(frontend.pilot_features(b.iq, P, T))
-  assert f.shape == (8, L, 12 + 2 * T)
+  b, f = _frames(3, 20.0), _features(3, 20.0)
+  assert f.shape == (N, L, 12 + 2 * T)
   np.testing.assert_array_equal(f[..., :2], np.asarray(b.iq))        # raw samples first
   np.testing.assert_array_equal(f[0, :, 10], np.arange(L) < P)        # pilot marker
   # Per-frame features repeat at every sample.
@@ -38,22 +64,18 @@ def test_feature_count_and_layout():
 
 
 def test_noiseless_frame_gives_the_true_taps_exactly():
-  cfg = dataclasses.replace(CFG, snr_db=200.0)   # N0 = 1e-20: no noise in float32
-  b = channels.simulate(jax.random.key(1), cfg, 16, "symbols")
-  f = np.asarray(frontend.pilot_features(b.iq, P, T))
+  f = _features(1, 200.0)   # 200 dB: N0 = 1e-20, no noise in float32
   h = f[:, 0, 12:12 + T] + 1j * f[:, 0, 12 + T:]
-  np.testing.assert_allclose(h, np.asarray(b.taps), atol=2e-5)
+  np.testing.assert_allclose(h, np.asarray(_frames(1, 200.0).taps), atol=2e-5)
 
 
 def test_equalizer_error_matches_its_reported_sinr():
   # For the unbiased MMSE output E|x_hat - x|^2 = 1 / SINR (noise and residual ISI), at
-  # every position, the frame's tail included: the mean of |x_hat - x|^2 SINR over 256
+  # every position, the frame's tail included: the mean of |x_hat - x|^2 SINR over 1000
   # frames at 20 dB with the true taps and N0 is 1 within 10%.
-  cfg = dataclasses.replace(CFG, snr_db=20.0)
-  b = channels.simulate(jax.random.key(5), cfg, 256, "symbols")
-  x_hat, sinr = jax.vmap(lambda y, h, n0: frontend.fir_mmse_equalize(y, h, n0, 6 * T, 2 * T))(
-      jnp.asarray(_complex(b.iq), jnp.complex64), b.taps, b.noise_var)
-  err = np.abs(np.asarray(x_hat) - np.asarray(channels.transmitted_symbols(b, cfg))) ** 2
+  b = _frames(3, 20.0)
+  x_hat, sinr = _fir_true_channel(3, 20.0)
+  err = np.abs(np.asarray(x_hat) - np.asarray(channels.transmitted_symbols(b, CFG))) ** 2
   scaled = err * np.asarray(sinr)
   assert 0.9 < scaled.mean() < 1.1, scaled.mean()
   assert 0.8 < scaled[:, -2 * T:].mean() < 1.2, scaled[:, -2 * T:].mean()   # the tail
@@ -61,24 +83,20 @@ def test_equalizer_error_matches_its_reported_sinr():
 
 def test_lmmse_taps_match_the_reference_estimator():
   # With a prior, the front end's taps are receivers.lmmse_channel_estimate with N0_hat.
-  b = channels.simulate(jax.random.key(4), dataclasses.replace(CFG, snr_db=5.0), 32, "symbols")
-  prior = tuple(float(p) for p in CFG.tap_powers)
-  f = np.asarray(frontend.pilot_features(b.iq, P, T, prior))
-  y = _complex(b.iq)
-  for i in range(32):
-    want = channels.lmmse_channel_estimate(y[i, :P], channels.pilot_symbols(P),
-                                           np.asarray(prior, np.float32), 10.0 ** f[i, 0, 11])
-    np.testing.assert_allclose(f[i, 0, 12:12 + T] + 1j * f[i, 0, 12 + T:], want, atol=2e-5)
+  b, f = _frames(4, 5.0), _features(4, 5.0, PRIOR)
+  y = jnp.asarray(_complex(b.iq)[:, :P], jnp.complex64)
+  want = jax.jit(jax.vmap(channels.lmmse_channel_estimate, in_axes=(0, None, None, 0)))(
+      y, channels.pilot_symbols(P), np.asarray(PRIOR, np.float32), 10.0 ** f[:, 0, 11])
+  np.testing.assert_allclose(f[:, 0, 12:12 + T] + 1j * f[:, 0, 12 + T:], want, atol=2e-5)
 
 
 def test_noise_estimate_is_unbiased():
-  # N0_hat = |residual|^2 / (P - T) is unbiased: its mean over 4000 frames is within 4
-  # standard errors of N0 (each estimate is N0 * chi2(2 (P - T)) / (2 (P - T))).
-  n = 4000
-  b = channels.simulate(jax.random.key(2), dataclasses.replace(CFG, snr_db=10.0), n, "symbols")
-  n0 = 10.0 ** np.asarray(frontend.pilot_features(b.iq, P, T))[:, 0, 11]
-  true = float(np.asarray(b.noise_var)[0])
-  se = true / np.sqrt(P - T) / np.sqrt(n)
+  # N0_hat = |residual|^2 / (P - T) is unbiased: its mean over N = 1000 frames is within 4
+  # standard errors of N0 (each estimate is N0 * chi2(2 (P - T)) / (2 (P - T))). Dividing
+  # by P - T + 1 instead (a 20% bias) would miss by 12 of them.
+  n0 = 10.0 ** _features(2, 10.0)[:, 0, 11]
+  true = float(np.asarray(_frames(2, 10.0).noise_var)[0])
+  se = true / np.sqrt(P - T) / np.sqrt(N)
   assert abs(n0.mean() - true) < 4 * se, (n0.mean(), true)
 
 
@@ -118,11 +136,11 @@ def test_fir_equalizer_matches_numpy():
   rng = np.random.default_rng(0)
   h = (rng.normal(size=T) + 1j * rng.normal(size=T)) / np.sqrt(2 * T)
   y = rng.normal(size=L) + 1j * rng.normal(size=L)
-  for window, lookback in ((24, 8), (5, 0), (7, 5)):
+  shapes = ((24, 8), (5, 0), (7, 5))
+  got = _jit(lambda y, h: [frontend.fir_mmse_equalize(y, h, 0.05, w, a) for w, a in shapes])(
+      jnp.asarray(y, jnp.complex64), jnp.asarray(h, jnp.complex64))
+  for (window, lookback), (got_x, got_s) in zip(shapes, got):
     want_x, want_s = _numpy_fir(y, h, 0.05, window, lookback)
-    got_x, got_s = frontend.fir_mmse_equalize(jnp.asarray(y, jnp.complex64),
-                                              jnp.asarray(h, jnp.complex64), 0.05, window,
-                                              lookback)
     np.testing.assert_allclose(np.asarray(got_x), want_x, rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(np.asarray(got_s), want_s, rtol=2e-3)
   with pytest.raises(ValueError, match="lookback"):
@@ -133,13 +151,11 @@ def test_fir_equalizer_matches_numpy():
 def test_fir_equalizer_is_close_to_the_full_block_mmse():
   # With the true taps at 20 dB on the default link, the sliding 6T-sample equalizer's SER
   # is within 1.5x of the L x L MMSE equalizer's (and far below a one-tap de-rotation's).
-  n = 1000
-  b = channels.simulate(jax.random.key(3), CFG, n, "symbols")
+  n, b = N, _frames(3, 20.0)
   y = jnp.asarray(_complex(b.iq), jnp.complex64)
-  full = jax.vmap(lambda y, h, n0: channels.equalize_and_detect(y, h, n0, "qam16").symbols)(
+  full = _jit(jax.vmap(lambda y, h, n0: channels.equalize_and_detect(y, h, n0, "qam16").symbols))(
       y, b.taps, b.noise_var)
-  x_fir, _ = jax.vmap(lambda y, h, n0: frontend.fir_mmse_equalize(y, h, n0, 6 * T, 2 * T))(
-      y, b.taps, b.noise_var)
+  x_fir, _ = _fir_true_channel(3, 20.0)
   one_tap = channels.detect(y / b.taps[:, :1], "qam16")
   data = ~np.asarray(b.pilot_mask)
   ser = lambda s: float(((np.asarray(s) != np.asarray(b.symbols)) * data).sum()
@@ -162,20 +178,21 @@ def test_unknown_frontend_is_rejected():
 
 def test_cholesky_solve_matches_numpy():
   rng = np.random.default_rng(1)
+  systems = []
   for n, k in ((1, 1), (8, 1), (23, 15)):
     m = rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))
-    a = m @ m.conj().T + 0.1 * np.eye(n)
-    b = rng.normal(size=(n, k)) + 1j * rng.normal(size=(n, k))
-    got = frontend.cholesky_solve(jnp.asarray(a, jnp.complex64), jnp.asarray(b, jnp.complex64))
-    np.testing.assert_allclose(np.asarray(got), np.linalg.solve(a, b), rtol=2e-3, atol=2e-3)
+    systems.append((m @ m.conj().T + 0.1 * np.eye(n),
+                    rng.normal(size=(n, k)) + 1j * rng.normal(size=(n, k))))
+  got = _jit(lambda systems: [frontend.cholesky_solve(a, b) for a, b in systems])(
+      jax.tree.map(lambda x: jnp.asarray(x, jnp.complex64), systems))
+  for (a, b), x in zip(systems, got):
+    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a, b), rtol=2e-3, atol=2e-3)
 
 
 def test_equalized_symbols_are_clipped_in_a_deep_fade():
   # Frames at -30 dB: the estimated channel is noise, mu is tiny and the unbiased output
   # huge; the features stay bounded (|x_hat| <= X_CLIP) and finite.
-  b = channels.simulate(jax.random.key(6), dataclasses.replace(CFG, snr_db=-30.0), 64,
-                        "symbols")
-  f = np.asarray(frontend.pilot_features(b.iq, P, T, tuple(float(p) for p in CFG.tap_powers)))
+  f = _features(6, -30.0, PRIOR)
   assert np.all(np.isfinite(f))
   mag = np.abs(f[..., 2] + 1j * f[..., 3])
   assert mag.max() <= frontend.X_CLIP * (1 + 1e-5)
