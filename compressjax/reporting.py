@@ -160,9 +160,10 @@ def _curve(values: Sequence[Any]) -> np.ndarray:
   return np.maximum(_nan(values), 1e-6)
 
 
-def plot_ser(records: Sequence[dict[str, Any]], path: str) -> None:
+def plot_ser(records: Sequence[dict[str, Any]], path: str, context: str = "") -> None:
   """SER against SNR: every stage's model (with its 95% interval when the record has one,
-  ``ser_interval``), and the classical references once."""
+  ``ser_interval``), and the classical references once; ``context`` names the task,
+  modulation and channel in the title."""
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   refs_drawn = False
   for r in records:
@@ -181,7 +182,8 @@ def plot_ser(records: Sequence[dict[str, Any]], path: str) -> None:
           ax.semilogy(snr, _curve(ser[ref]), "k" + style, label=f"{ref} (reference)")
       refs_drawn = True
   ax.set_xlabel("SNR Es/N0 (dB)")
-  ax.set_ylabel("symbol error rate")
+  ax.set_ylabel("symbol error rate (symbols task)")
+  ax.set_title("SER against Es/N0" + (f": {context}" if context else ""), fontsize=8)
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -189,7 +191,7 @@ def plot_ser(records: Sequence[dict[str, Any]], path: str) -> None:
   plt.close(fig)
 
 
-def plot_accuracy(records: Sequence[dict[str, Any]], path: str) -> None:
+def plot_accuracy(records: Sequence[dict[str, Any]], path: str, context: str = "") -> None:
   """Modulation accuracy against SNR: every stage, and the known-channel classifier once."""
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   ref_drawn = False
@@ -203,7 +205,8 @@ def plot_accuracy(records: Sequence[dict[str, Any]], path: str) -> None:
               label="classifier that knows the channel (reference)")
       ref_drawn = True
   ax.set_xlabel("SNR Es/N0 (dB)")
-  ax.set_ylabel("modulation accuracy")
+  ax.set_ylabel("modulation classification accuracy")
+  ax.set_title("modulation task" + (f": {context}" if context else ""), fontsize=8)
   ax.set_ylim(0, 1.02)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7)
@@ -224,8 +227,17 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def plot_pareto(records: Sequence[dict[str, Any]], path: str,
-                metric: str = "accuracy") -> None:
-  """Accuracy against real packed bytes, the Pareto front joined by a line."""
+                metric: str = "accuracy", context: str = "",
+                label: str | None = None) -> None:
+  """``metric`` against real packed bytes, the Pareto front joined by a line.
+
+  Args:
+    records: rows with ``bytes`` and ``metric``.
+    path: the PNG written.
+    metric: the record key on the y axis.
+    context: the task and data, in the title.
+    label: the y axis label (default: ``metric``).
+  """
   recs = [r for r in records if r.get("bytes") and r.get(metric) is not None]
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   pts = [(float(r["bytes"]), float(r[metric])) for r in recs]
@@ -239,7 +251,9 @@ def plot_pareto(records: Sequence[dict[str, Any]], path: str,
     ax.legend(fontsize=7)
   ax.set_xscale("log")
   ax.set_xlabel("packed bytes (from the export)")
-  ax.set_ylabel(metric)
+  ax.set_ylabel(label or metric)
+  ax.set_title(f"{label or metric} against size" + (f": {context}" if context else ""),
+               fontsize=8)
   ax.grid(True, alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -267,11 +281,36 @@ def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str],
   plt.close(fig)
 
 
+def header_lines(fields: Sequence[tuple[str, Any]]) -> str:
+  """The run's facts as a Markdown list (``- **study**: wireless``), for ``results.md``."""
+  return "".join(f"- **{k}**: {v}\n" for k, v in fields) + "\n"
+
+
+def legend_lines(columns: Sequence[tuple[str, str, str]], legend: dict[str, str]) -> str:
+  """``## Columns``: what every column of the table measures (its key in ``legend``).
+
+  Raises:
+    ValueError: if a column has no entry in ``legend`` (a report explains all of them).
+  """
+  missing = [key for key, _, _ in columns if key not in legend]
+  if missing:
+    raise ValueError(f"legend must describe every column, missing {missing}")
+  return "\n## Columns\n\n" + "".join(
+      f"- **{title}**: {legend[key]}\n" for key, title, _ in columns)
+
+
+def _slug(name: str) -> str:
+  return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
 def write_report(workdir: str, records: Sequence[dict[str, Any]],
                  table: Sequence[dict[str, Any]] | None = None,
                  class_names: Sequence[str] | None = None, title: str = "",
                  columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS,
-                 footer: str = "") -> None:
+                 footer: str = "", header: Sequence[tuple[str, Any]] = (),
+                 legend: dict[str, str] | None = None, context: str = "",
+                 finals: Sequence[str] | None = None, pareto_label: str | None = None
+                 ) -> None:
   """Writes ``metrics.json`` (all ``records``), ``results.md`` and plots to ``workdir``.
 
   Args:
@@ -279,24 +318,43 @@ def write_report(workdir: str, records: Sequence[dict[str, Any]],
     records: one dict per stage (and seed).
     table: the rows of ``results.md`` and the plots; default ``records`` (pass
       ``aggregate(records)`` for mean and standard deviation over seeds).
-    class_names: labels of the confusion matrix.
+    class_names: labels of the confusion matrices.
     title: heading of ``results.md``.
     columns: the table's columns, as in `TABLE_COLUMNS`.
     footer: Markdown appended after the table.
+    header: ``(name, value)`` facts of the run listed under the title (study, size,
+      steps per stage, seeds, device, the SNR range, ...).
+    legend: what each column measures (task, unit, the frames or images it averages
+      over), by record key; every column needs one. None: no legend.
+    context: what the plots show (task, modulation, channel, data set), in their titles.
+    finals: the stages whose confusion matrices are drawn (``confusion_<name>.png``);
+      default the last row. ``confusion.png`` is the last of them.
+    pareto_label: the y axis of ``pareto.png`` (its metric is ``accuracy``).
   """
   write_json(os.path.join(workdir, "metrics.json"), list(records))
   records = list(records if table is None else table)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     if title:
       f.write(f"# {title}\n\n")
+    if header:
+      f.write(header_lines(header))
     f.write(markdown_table(records, columns) + footer)
+    if legend is not None:
+      f.write(legend_lines(columns, legend))
   if any(r.get("ser") for r in records):
-    plot_ser(records, os.path.join(workdir, "ser_vs_snr.png"))
+    plot_ser(records, os.path.join(workdir, "ser_vs_snr.png"), context)
   if any(r.get("accuracy_curve") for r in records):
-    plot_accuracy(records, os.path.join(workdir, "accuracy_vs_snr.png"))
-  plot_pareto(records, os.path.join(workdir, "pareto.png"))
-  final = records[-1] if records else {}
-  if final.get("confusion") is not None:
-    names = class_names or [str(i) for i in range(len(final["confusion"]))]
-    plot_confusion(final["confusion"], names, os.path.join(workdir, "confusion.png"),
-                   title=f"confusion: {final['name']}")
+    plot_accuracy(records, os.path.join(workdir, "accuracy_vs_snr.png"), context)
+  plot_pareto(records, os.path.join(workdir, "pareto.png"), context=context,
+              label=pareto_label)
+  by_name = {r["name"]: r for r in records}
+  names = list(finals) if finals else [records[-1]["name"]] if records else []
+  drawn = [by_name[n] for n in names if by_name.get(n, {}).get("confusion") is not None]
+  for i, r in enumerate(drawn):
+    labels = class_names or [str(k) for k in range(len(r["confusion"]))]
+    title = f"confusion: {r['name']}" + (f"\n{context}" if context else "")
+    plot_confusion(r["confusion"], labels,
+                   os.path.join(workdir, f"confusion_{_slug(r['name'])}.png"), title=title)
+    if i == len(drawn) - 1:
+      plot_confusion(r["confusion"], labels, os.path.join(workdir, "confusion.png"),
+                     title=title)

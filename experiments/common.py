@@ -18,6 +18,7 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
   full, tiny = size == "full", size == "tiny"
   c = ml_collections.ConfigDict()
   c.study = "wireless"  # launch.py dispatches to compressjax.studies.wireless.run
+  c.size = size         # informational: results.md names it
   c.seed = 0
   # Seeds of a sweep: the whole pipeline list runs once per seed; the table reports each
   # seed and the mean and standard deviation across them.

@@ -38,6 +38,7 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   full, tiny = size == "full", size == "tiny"
   c = ml_collections.ConfigDict()
   c.study = "vision"  # launch.py dispatches to compressjax.studies.vision.run
+  c.size = size       # informational: results.md names it
   c.seeds = (0,)      # one run per seed; results.md shows mean ± std over several
   # The student's stages after the teacher, in order, each from the previous one's model:
   # student | distill | lora | prune | quantize (QAT at quantize.bits; quantize.steps=0 is

@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from compressjax import reporting
 
@@ -84,3 +85,31 @@ def test_verdict_follows_the_interval():
   one = reporting.paired_difference(_seeded([1.0], [2.0]), "A/3", "B/3", "loss")
   assert one["lo"] is None and "one seed only" in reporting.verdict(one, "A", "B", True)
   assert reporting.verdict(None, "A", "B", True) == "not measured"
+
+
+def test_report_opens_with_the_run_and_ends_with_a_legend_of_every_column(tmp_path):
+  records = [{"name": "teacher", "accuracy": 0.9, "bytes": 100,
+              "confusion": [[3, 1], [0, 4]]},
+             {"name": "P/2_q", "accuracy": 0.8, "bytes": 20, "confusion": [[2, 2], [1, 3]]},
+             {"name": "Q/2_p", "accuracy": 0.7, "bytes": 25, "confusion": [[4, 0], [2, 2]]}]
+  columns = (("name", "stage", "{}"), ("accuracy", "acc", "{:.2f}"))
+  legend = {"name": "the stage", "accuracy": "top-1 accuracy on 8 images"}
+  reporting.write_report(str(tmp_path), records, columns=columns, title="t",
+                         header=[("study", "vision"), ("seeds", "0")], legend=legend,
+                         context="digits 8x8", finals=["P/2_q", "Q/2_p"])
+  text = (tmp_path / "results.md").read_text()
+  assert text.index("- **study**: vision") < text.index("| stage |")
+  assert text.index("| stage |") < text.index("## Columns")
+  assert "- **acc**: top-1 accuracy on 8 images" in text
+  # One confusion matrix per final stage; confusion.png is the last of them.
+  for name in ("P_2_q", "Q_2_p"):
+    assert (tmp_path / f"confusion_{name}.png").stat().st_size > 0
+  assert not (tmp_path / "confusion_teacher.png").exists()
+  last = (tmp_path / "confusion_Q_2_p.png").read_bytes()
+  assert (tmp_path / "confusion.png").read_bytes() == last
+
+
+def test_a_legend_must_explain_every_column():
+  with pytest.raises(ValueError, match=r"missing \['bytes'\]"):
+    reporting.legend_lines((("name", "stage", "{}"), ("bytes", "bytes", "{}")),
+                           {"name": "the stage"})

@@ -25,6 +25,10 @@ from tests import helpers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The evaluation these tests need: three Es/N0 points (the tiny default has 13).
+_EVAL = {"eval.snr_points": (0.0, 15.0, 30.0)}
+
+
 def _config(pipelines_=None):
   c = sweep.get_config("tiny")
   for name in list(c.pipelines):
@@ -48,6 +52,8 @@ def test_a_vmapped_seed_sweep_equals_the_seeds_run_one_by_one(tmp_path):
   runs = {}
   for vmap in (False, True):
     c = _config({"P": "prune"})
+    helpers.set_fields(c, {**_EVAL, "train.steps": 12, "train.warmup_steps": 2,
+                           "prune.steps": 4})
     c.seeds, c.train.vmap_seeds = seeds, vmap
     workdir = str(tmp_path / f"vmap_{vmap}")
     runs[vmap] = (workdir, {(r["seed"], r["name"]): r for r in pipelines.run(c, workdir)})
@@ -71,8 +77,9 @@ def test_a_vmapped_seed_sweep_equals_the_seeds_run_one_by_one(tmp_path):
 def _launch_args(workdir):
   return [sys.executable, os.path.join(ROOT, "launch.py"),
           "--config=experiments/baseline.py:tiny", f"--workdir={workdir}",
-          "--config.train.steps=200", "--config.train.checkpoint_every=20",
-          "--config.train.log_every=20", "--config.train.warmup_steps=20"]
+          "--config.train.steps=100", "--config.train.checkpoint_every=10",
+          "--config.train.log_every=10", "--config.train.warmup_steps=10",
+          "--config.eval.snr_points=(0.0,30.0)"]
 
 
 @pytest.mark.slow
@@ -106,7 +113,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_params(tmp_path)
   log = resumed.stderr
   assert "resuming from the checkpoint at step" in log
   step = int(log.split("resuming from the checkpoint at step ")[1].split()[0])
-  assert 20 <= step < 200 and step % 20 == 0
+  assert 10 <= step < 100 and step % 10 == 0
   config = _config()
   a, b = _params(str(killed), 0, "teacher", config), _params(str(done), 0, "teacher", config)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -75,6 +75,12 @@ def test_every_stage_reports_every_metric(study):
   assert "## Targets" in table
   for label, _, _ in config.targets:
     assert f"- {label}: accuracy >=" in table
+  # The report explains itself: the run above the table, every column below it.
+  assert table.index("- **study**: vision") < table.index("| stage |")
+  assert "- **steps per stage**: teacher 60, student 60" in table
+  for _, title, _ in vision.COLUMNS:
+    assert f"- **{title}**: " in table.split("## Columns")[1], title
+  assert os.path.exists(os.path.join(workdir, "confusion_int8_static.png"))
   assert os.path.exists(os.path.join(workdir, "pareto.png"))
   assert os.path.exists(os.path.join(workdir, "confusion.png"))
   assert saved == json.loads(json.dumps(records))
@@ -230,6 +236,7 @@ def _at(tree, path):
     ("stages", "student,int4"),
     ("stages", "distill,ptq:fast"),
     ("stages", "prune,lora"),
+    ("stages", "quantize,ptq:weights"),
     ("stages", "student,student"),
     ("quantize.bits", 1),
     ("prune.sparsity", 1.5),

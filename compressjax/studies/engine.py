@@ -192,6 +192,8 @@ def train_group(plan: TrainPlan, name: str, *, forward: Callable[..., Any],
                                   teacher_forward=None if teacher is None else teacher.forward,
                                   mesh=mesh, vmap=sweep)
   to_variables = to_variables or training.TrainState.variables
+  if sweep:  # a member's function, applied to every member of the stacked state
+    to_variables = jax.vmap(to_variables)
   validation = None
   if validate is not None:
     score = (lambda v: [validate(m) for m in training.unstack(v)]) if sweep else validate

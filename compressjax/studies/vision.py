@@ -276,8 +276,8 @@ def parse_stages(text: Any, config: Any) -> tuple[StagePlan, ...]:
     _check(kind in KINDS, "stages", item, f"stages from {KINDS}")
     if kind == "ptq":
       _check(option in PTQ_MODES, "stages", item, f"'ptq:<mode>' with a mode in {PTQ_MODES}")
-      _check(not constraints, "stages", text, "without ptq after prune/quantize (those "
-             "already put the weights on their constraints)")
+      _check("quantize" not in constraints, "stages", text, "without ptq after quantize (QAT "
+             "already put the weights on its grid)")
     else:
       _check(not option, "stages", item, f"'{kind}' with no option")
     _check(item not in seen, "stages", text, "free of repeated stages")
@@ -731,6 +731,46 @@ def _targets(table: list[dict[str, Any]], targets) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _header(config: Any, plan: Plan, info: datasets.VisionData) -> list[tuple[str, Any]]:
+  """The run's facts for the top of results.md."""
+  steps = ", ".join([f"teacher {plan.teacher_stage.steps}"] + [
+      f"{s.name.split('_', 1)[1]} {s.steps}" for s in plan.stages])
+  return [("study", "vision"), ("size", config.get("size", "-")),
+          ("data", f"{config.dataset}: {info.train_images.shape[0]} train, "
+                   f"{info.val_images.shape[0]} validation, {info.test_images.shape[0]} test "
+                   f"images of {plan.image_shape}, {info.num_classes} classes"),
+          ("models", f"{plan.teacher_name} -> {plan.student_name}"),
+          ("steps per stage", steps + f" (batch {plan.train.batch_size}; best on validation "
+                              f"every {plan.eval_every})"),
+          ("seeds", ", ".join(map(str, plan.seeds))),
+          ("device", f"{len(jax.devices())} x {jax.devices()[0].device_kind}")]
+
+
+def _legend(plan: Plan, info: datasets.VisionData) -> dict[str, str]:
+  """What each column of the vision table measures."""
+  n = info.test_images.shape[0]
+  return {
+      "name": "the stage (the teacher first, then `stages` in order, each from the "
+              "previous stage's model)",
+      "model": "the architecture",
+      "accuracy": f"top-1 accuracy on the {n} test images (a fraction)",
+      "f1": f"macro-averaged F1 over the {info.num_classes} classes, same images",
+      "acc_vs_teacher": "accuracy / the teacher's (same seed)",
+      "params_total": "parameters (the params collection; batch-norm statistics excluded)",
+      "params_nonzero": "parameters that are not exactly zero",
+      "bytes": "bytes of the packed export: batch norm folded into the convolutions (one "
+               "float32 bias per channel), quantized kernels as integer codes plus one "
+               "float32 scale per output channel, the rest float32; sparse tensors as a "
+               "bitmask plus the non-zero values; plus static activation ranges",
+      "compression": "the teacher's bytes / the stage's bytes",
+      "flops": f"XLA's FLOP count of one forward pass on {plan.latency_batch} image(s)",
+      "latency_ms": f"median wall time of one jitted forward pass on {plan.latency_batch} "
+                    f"image(s), in ms, over {plan.latency_repeats} calls on this device "
+                    f"(each row timed on its own: differences under ~30% are noise on a "
+                    f"shared CPU)",
+  }
+
+
 def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   """Runs the vision study of ``config`` in ``workdir``; returns the stage records.
 
@@ -787,6 +827,11 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
     table = records
   title = (f"compressjax vision: {plan.teacher_name} -> {plan.student_name}, "
            f"{config.dataset}, seeds {plan.seeds}")
-  engine.write_report(workdir, records, table=table, class_names=list(info.class_names),
-                      title=title, columns=COLUMNS, footer=_targets(table, plan.targets))
+  engine.write_report(
+      workdir, records, table=table, class_names=list(info.class_names), title=title,
+      columns=COLUMNS, footer=_targets(table, plan.targets),
+      header=_header(config, plan, info), legend=_legend(plan, info),
+      context=f"{config.dataset} {plan.image_shape[0]}x{plan.image_shape[1]}, "
+              f"{info.num_classes} classes",
+      finals=[table[-1]["name"]], pareto_label="test accuracy")
   return records
