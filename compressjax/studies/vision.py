@@ -75,7 +75,8 @@ COLUMNS = (
     ("f1", "macro F1", "{:.4f}"), ("acc_vs_teacher", "acc / teacher", "{:.1%}"),
     ("params_total", "params", "{:,}"), ("params_nonzero", "non-zero", "{:,}"),
     ("bytes", "bytes", "{:,}"), ("compression", "x smaller", "{:.2f}"),
-    ("flops", "FLOPs", "{:.3g}"), ("latency_ms", "latency ms", "{:.3f}"))
+    ("flops", "FLOPs", "{:.3g}"), ("latency_ms", "latency ms", "{:.3f}"),
+    ("latency_text", "latency / teacher", "{}"))
 
 
 class StagePlan(NamedTuple):
@@ -616,7 +617,8 @@ def _ranges(stage_dir: str, g: _Group, key, wq) -> dict[str, tuple[float, float]
 
 
 def _measure(g: _Group, apply, variables, spec=None, ranges=None, **extra) -> dict[str, Any]:
-  """Test metrics, export bytes, FLOPs and latency of one model (the same for every row)."""
+  """Test metrics, export bytes and FLOPs of one model (the same for every row; latency is
+  timed for all rows together, `_latencies`)."""
   p, d = g.plan, g.data
   rep = classify(apply, variables, d.test, p.eval_batch_size, d.info.mean, d.info.std,
                  d.info.num_classes)
@@ -627,9 +629,7 @@ def _measure(g: _Group, apply, variables, spec=None, ranges=None, **extra) -> di
           "precision": rep["macro_precision"], "recall": rep["macro_recall"],
           "f1_per_class": rep["f1"], "confusion": rep["confusion"],
           "params_total": counts["params"], "params_nonzero": counts["nonzero"],
-          "bytes": int(nbytes), "flops": training.flops(apply, variables, d.sample),
-          "latency_ms": 1e3 * training.latency(apply, variables, d.sample,
-                                               repeats=p.latency_repeats)}
+          "bytes": int(nbytes), "flops": training.flops(apply, variables, d.sample)}
 
 
 def _best(r: engine.Trained) -> dict[str, Any]:
@@ -646,6 +646,7 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
   dirs = lambda name: [os.path.join(r, name) for r in g.roots]
   record = lambda d, name, fn: engine.record(d, name, fn, ("accuracy", "bytes"))
 
+  timed = []  # (apply, variables per seed) of every row, for `_latencies`
   t0 = lambda: [_init(p.teacher, jax.random.fold_in(k, 101), p.image_shape) for k in g.keys]
   teachers = engine.restore_or_run(
       dirs("teacher"), [p.teacher_shapes] * n, lambda: _train(
@@ -656,6 +657,7 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
       g, p.teacher_apply, r.variables, model=p.teacher_name, bits=32,
       trainable_params=training.param_counts(r.variables["params"])["params"], **_best(r)))]
       for d, r in zip(dirs("teacher"), teachers)]
+  timed.append((p.teacher_apply, teacher_vars))
 
   s0 = lambda: [_init(p.student, jax.random.fold_in(k, 102), p.image_shape) for k in g.keys]
   current, masks = None, [None] * n
@@ -697,6 +699,7 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
     if stage.kind == "prune":
       masks = [r.masks for r in results]
     label = stage.name.split("_", 1)[1]
+    applies = []
     for recs, d, r in zip(records, dirs(stage.name), results):
       apply, ranges, row = p.student_apply, None, dict(extra)
       if row["trainable_params"] is None:
@@ -711,7 +714,26 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
         row.update(act_bits=p.act_spec.bits, act_mode=stage.option)
       recs.append(record(d, label, lambda r=r, apply=apply, ranges=ranges, row=row, s=spec:
                          _measure(g, apply, r.variables, s, ranges, **row, **_best(r))))
+      applies.append(apply)
+    timed.append((applies[0], current))
+  for recs, j in zip(records, range(n)):
+    _latencies(recs, [(apply, vs[j]) for apply, vs in timed], g.data.sample,
+               p.latency_repeats)
   return records
+
+
+def _latencies(records: list[dict[str, Any]], models: list[tuple[Any, Any]], sample,
+               rounds: int) -> None:
+  """Times one seed's rows in interleaved rounds (`training.interleaved_latency`): each
+  record gets ``latency_ms`` (median) and its latency relative to the teacher (the
+  first row) with the per-round spread, marked noisy when the spread covers 1."""
+  times = training.interleaved_latency([(apply, (v, sample)) for apply, v in models],
+                                       rounds=rounds)
+  for k, rec in enumerate(records):
+    ratio = training.latency_ratio(times[:, k], times[:, 0])
+    rec.update(latency_ms=1e3 * float(np.median(times[:, k])),
+               latency_vs_teacher=ratio["ratio"], latency_vs_teacher_lo=ratio["lo"],
+               latency_vs_teacher_hi=ratio["hi"], latency_noisy=ratio["noisy"])
 
 
 def _targets(table: list[dict[str, Any]], targets) -> str:
@@ -729,6 +751,19 @@ def _targets(table: list[dict[str, Any]], targets) -> str:
                  f"{verdict(ratio >= acc_bar)}, >= {size_bar:.0%} fewer bytes "
                  f"{verdict(smaller >= size_bar)}")
   return "\n".join(lines) + "\n"
+
+
+def latency_text(records: list[dict[str, Any]]) -> str:
+  """``"0.93x [0.88, 0.97]"`` (the median per-round ratio to the teacher and its quartiles,
+  averaged over seeds), ``" noisy"`` appended when the quartiles cover 1."""
+  if not records or "latency_vs_teacher" not in records[0]:
+    return "-"
+  mean = lambda k: float(np.mean([r[k] for r in records]))
+  lo, mid, hi = mean("latency_vs_teacher_lo"), mean("latency_vs_teacher"), mean(
+      "latency_vs_teacher_hi")
+  if lo == mid == hi == 1.0:
+    return "1 (reference)"
+  return f"{mid:.2f}x [{lo:.2f}, {hi:.2f}]" + (" noisy" if lo <= 1.0 <= hi else "")
 
 
 def _header(config: Any, plan: Plan, info: datasets.VisionData) -> list[tuple[str, Any]]:
@@ -765,9 +800,11 @@ def _legend(plan: Plan, info: datasets.VisionData) -> dict[str, str]:
       "compression": "the teacher's bytes / the stage's bytes",
       "flops": f"XLA's FLOP count of one forward pass on {plan.latency_batch} image(s)",
       "latency_ms": f"median wall time of one jitted forward pass on {plan.latency_batch} "
-                    f"image(s), in ms, over {plan.latency_repeats} calls on this device "
-                    f"(each row timed on its own: differences under ~30% are noise on a "
-                    f"shared CPU)",
+                    f"image(s), in ms, over {plan.latency_repeats} rounds on this device, "
+                    f"every row of a seed timed in the same interleaved rounds",
+      "latency_text": "the stage's latency / the teacher's: the median of the per-round "
+                      "ratios and their quartiles; 'noisy' when the quartiles cover 1 (the "
+                      "difference is within the machine's noise)",
   }
 
 
@@ -818,13 +855,15 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
                  acc_vs_teacher=r["accuracy"] / max(base["accuracy"], 1e-12))
       records += seed_records
   if len(plan.seeds) > 1:
-    table = reporting.aggregate(records)
+    table = reporting.aggregate(records, COLUMNS)
     models = {r["name"]: r["model"] for r in records}
     for row in table:
       row.update(model=models[row["name"]],
                  acc_vs_teacher=row["accuracy"] / max(table[0]["accuracy"], 1e-12))
   else:
-    table = records
+    table = [dict(r) for r in records]
+  for row in table:
+    row["latency_text"] = latency_text([r for r in records if r["name"] == row["name"]])
   title = (f"compressjax vision: {plan.teacher_name} -> {plan.student_name}, "
            f"{config.dataset}, seeds {plan.seeds}")
   engine.write_report(

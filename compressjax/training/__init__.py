@@ -14,7 +14,9 @@ from compressjax.training.loop import progress_line
 from compressjax.training.loop import train
 from compressjax.training.loop import Validation
 from compressjax.training.measure import flops
+from compressjax.training.measure import interleaved_latency
 from compressjax.training.measure import latency
+from compressjax.training.measure import latency_ratio
 from compressjax.training.measure import model_cost
 from compressjax.training.measure import packed_bytes
 from compressjax.training.measure import param_counts

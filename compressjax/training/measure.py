@@ -9,7 +9,7 @@ sparse one. Bytes come from a caller-supplied exporter (the packed export of
 `compressjax.quantization`), never from a formula.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import statistics
 import time
 from typing import Any
@@ -127,3 +127,52 @@ def model_cost(apply_fn: Callable[..., Any], variables: Mapping[str, Any], sampl
   return {**counts, "bytes": packed_bytes(variables["params"], nbytes_fn),
           "flops": flops(fwd, variables, sample),
           "latency_ms": 1e3 * latency(fwd, variables, sample, repeats=repeats)}
+
+
+def interleaved_latency(calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
+                        rounds: int = 10, warmup: int = 2) -> np.ndarray:
+  """Wall times of several functions timed in interleaved rounds: ``[rounds, len(calls)]``.
+
+  Each round calls every function once, in order, so a slow spell of a shared machine
+  hits all of them alike and the ratio of two columns, taken round by round, is far
+  steadier than two separate medians (identical models measured apart differ by 20-30%
+  on a loaded 2-core CPU; interleaved, their per-round ratios center on 1).
+
+  Args:
+    calls: ``(fn, args)`` pairs; ``fn`` jitted or not (jitted here once each).
+    rounds: timed rounds.
+    warmup: untimed rounds first (the first compiles).
+
+  Returns:
+    Seconds per call, one row per round.
+  """
+  if warmup < 1 or rounds < 1:
+    raise ValueError(f"warmup and rounds must be >= 1, got {warmup}, {rounds}")
+  fns = [(_jitted(fn), args) for fn, args in calls]
+  for _ in range(warmup):
+    for fn, args in fns:
+      jax.block_until_ready(fn(*args))
+  times = np.zeros((rounds, len(fns)))
+  for r in range(rounds):
+    for i, (fn, args) in enumerate(fns):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[r, i] = time.perf_counter() - t0
+  return times
+
+
+def latency_ratio(times: np.ndarray, base: np.ndarray) -> dict[str, Any]:
+  """A model's latency relative to a base model timed in the same rounds.
+
+  Args:
+    times: the model's seconds per round (a column of `interleaved_latency`).
+    base: the base model's, same rounds.
+
+  Returns:
+    ``{"ratio", "lo", "hi", "noisy"}``: the median of the per-round ratios, their 25th
+    and 75th percentiles, and whether that spread covers 1 (no difference shown).
+  """
+  ratios = np.asarray(times) / np.asarray(base)
+  lo, mid, hi = np.percentile(ratios, [25, 50, 75])
+  return {"ratio": float(mid), "lo": float(lo), "hi": float(hi),
+          "noisy": bool(lo <= 1.0 <= hi)}

@@ -38,3 +38,27 @@ def test_model_cost_reports_every_field(tiny_model):
   assert cost["flops"] > 0 and np.isfinite(cost["latency_ms"]) and cost["latency_ms"] > 0
   with pytest.raises(ValueError, match="repeats"):
     measure.latency(lambda x: x, jnp.ones(2), repeats=0)
+
+
+def test_latency_ratio_is_the_median_of_per_round_ratios_by_hand():
+  base = np.array([1.0, 2.0, 1.0, 4.0])
+  times = np.array([2.0, 2.0, 3.0, 4.0])       # per-round ratios 2, 1, 3, 1
+  r = measure.latency_ratio(times, base)
+  assert r["ratio"] == 1.5 and r["lo"] == 1.0 and r["hi"] == 2.25 and r["noisy"]
+  clear = measure.latency_ratio(np.array([2.0, 4.0, 2.2]), np.array([1.0, 2.0, 1.0]))
+  assert clear["ratio"] == 2.0 and not clear["noisy"]
+
+
+def test_interleaved_rounds_time_every_call_once_per_round():
+  calls = []
+
+  def fn(x):
+    calls.append(1)   # runs once, at trace time: the jitted program is reused
+    return jnp.sum(x @ x)
+
+  x = jnp.ones((64, 64))
+  other = lambda y: jnp.sum(y * 2.0)
+  times = measure.interleaved_latency([(fn, (x,)), (other, (x,))], rounds=5, warmup=1)
+  assert times.shape == (5, 2) and np.all(times > 0) and len(calls) == 1
+  with pytest.raises(ValueError, match="rounds"):
+    measure.interleaved_latency([(fn, (x,))], rounds=0)
