@@ -32,9 +32,9 @@ import numpy as np
 import optax
 
 from compressjax import channels
-from compressjax import stages
 from compressjax import training
 from compressjax.models import iq_transformer
+from compressjax.studies import wireless
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -185,7 +185,7 @@ def main():
 
 def batch_vs_step(rounds: int) -> tuple[float, float]:
   """Median ms of the default run's batch alone and of its whole train step, interleaved."""
-  setup = stages.validate(DEFAULT)
+  setup = wireless.validate(DEFAULT)
   data_fn = training.multitask_data_fn(TRAINING, TRAIN_BATCH, tuple(DEFAULT.train.tasks))
   draw = jax.jit(data_fn)
   model = iq_transformer.IQTransformer(setup.teacher)

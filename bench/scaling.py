@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from compressjax.models import iq_transformer
-from compressjax.stages import validate
+from compressjax.studies.wireless import validate
 from compressjax.training import multitask
 from compressjax.training import parallel
 from compressjax.training import steps

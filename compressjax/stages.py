@@ -1,8 +1,9 @@
-"""Pipeline stages: parsing, config validation, and the stacking of constraint wrappers.
+"""Constraint stages shared by the studies: the prune plan and the stacking of wrappers.
 
-A pipeline is a comma-separated list of stages (`STAGES`); `validate` checks every field
-a run uses before any work, and `compose` builds a stage's optimizer as the stack of the
-constraint wrappers of the stages so far (earliest innermost).
+A study's ``prune`` and ``quantize`` stages constrain every stage after them: `compose`
+builds a stage's optimizer as the stack of the constraint wrappers of the stages so far
+(earliest innermost), and the prune stage's keep masks are carried into the later stages
+(`carried_masks`, `masks_from_params`) so that no pruned weight comes back.
 """
 
 from typing import Any, NamedTuple
@@ -14,20 +15,6 @@ import optax
 from compressjax import pruning
 from compressjax import quantization
 from compressjax import selection
-from compressjax import training
-from compressjax.training import parallel
-from compressjax.channels import ChannelConfig
-from compressjax.channels import constellations
-from compressjax.models import iq_transformer
-
-STAGES = ("prune", "quantize", "distill", "finetune")
-DISTILL_STUDENTS = ("inherit", "small")
-
-
-class Stage(NamedTuple):
-  """One pipeline stage: its kind (a name in `STAGES`) and an option (or None)."""
-  kind: str
-  option: str | None = None
 
 
 class PrunePlan(NamedTuple):
@@ -48,150 +35,9 @@ class PrunePlan(NamedTuple):
   schedule: str = "polynomial"
 
 
-class Setup(NamedTuple):
-  """What a config resolves to, validated before any work."""
-  channel: ChannelConfig
-  teacher: iq_transformer.IQTransformerConfig
-  student: iq_transformer.IQTransformerConfig
-  pipelines: dict[str, tuple[Stage, ...]]
-  spec: quantization.Spec
-  prune: PrunePlan
-
-
-def parse_stages(text: str, field: str = "pipelines") -> tuple[Stage, ...]:
-  """Parses ``"prune,quantize,distill:small"`` into stages (errors name ``field``)."""
-  stages = []
-  for item in [s.strip() for s in text.split(",") if s.strip()]:
-    kind, _, option = item.partition(":")
-    if kind not in STAGES:
-      raise ValueError(f"{field}: stage must be one of {STAGES}, got {kind!r}")
-    if kind == "distill":
-      option = option or "inherit"
-      if option not in DISTILL_STUDENTS:
-        raise ValueError(f"{field}: distill student must be one of {DISTILL_STUDENTS}, "
-                         f"got {option!r}")
-    elif option:
-      raise ValueError(f"{field}: stage {kind!r} takes no option, got {item!r}")
-    stages.append(Stage(kind, option or None))
-  return tuple(stages)
-
-
 def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
   if not cond:
     raise ValueError(f"{field} must be {allowed}, got {value!r}")
-
-
-def _is_int(v: Any, lo: int) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _model_config(c: Any, channel: ChannelConfig, field: str) -> Any:
-  try:
-    return iq_transformer.IQTransformerConfig(
-        **dict(c), seq_len=channel.seq_len, num_classes=len(channel.modulations),
-        num_symbols=constellations.order(channel.modulation), num_taps=channel.tap_count,
-        num_pilots=channel.num_pilots,
-        # The front end's LMMSE prior: the deployment's mean tap powers.
-        tap_powers=tuple(channel.tap_powers) if c.get("frontend") == "pilots" else None)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{field}: {e}") from None
-
-
-def validate(config: Any) -> Setup:
-  """Checks every field a run uses and resolves the config; raises before any work.
-
-  Args:
-    config: an ``ml_collections.ConfigDict`` shaped like ``experiments/common.py``.
-
-  Returns:
-    The resolved `Setup`.
-
-  Raises:
-    ValueError: naming the field, its value and what is allowed.
-  """
-  try:
-    channel = ChannelConfig(**dict(config.channel))
-  except TypeError as e:
-    raise ValueError(f"channel: {e}") from None
-  except ValueError as e:
-    raise ValueError(f"channel.{e}") from None
-  teacher = _model_config(config.teacher, channel, "teacher")
-  student = _model_config(config.student, channel, "student")
-  seeds = tuple(config.seeds)
-  _check(len(seeds) > 0 and all(_is_int(s, 0) for s in seeds), "seeds", config.seeds,
-         "a non-empty tuple of ints >= 0")
-  _check(len(set(seeds)) == len(seeds), "seeds", config.seeds, "distinct")
-  t = config.train
-  _check(_is_int(t.steps, 1), "train.steps", t.steps, "an int >= 1")
-  _check(_is_int(t.batch_size, 1), "train.batch_size", t.batch_size, "an int >= 1")
-  _check(_is_int(t.warmup_steps, 0) and t.warmup_steps < t.steps, "train.warmup_steps",
-         t.warmup_steps, f"an int in [0, train.steps={t.steps})")
-  _check(_is_int(t.log_every, 1), "train.log_every", t.log_every, "an int >= 1")
-  _check(isinstance(t.vmap_seeds, bool), "train.vmap_seeds", t.vmap_seeds, "True or False")
-  _check(_is_int(t.checkpoint_every, 0), "train.checkpoint_every", t.checkpoint_every,
-         "an int >= 0 (0 = no periodic checkpoints)")
-  _check(_is_int(t.keep_checkpoints, 2), "train.keep_checkpoints", t.keep_checkpoints,
-         "an int >= 2 (one to fall back on)")
-  _check(_is_int(t.max_nonfinite, 1), "train.max_nonfinite", t.max_nonfinite, "an int >= 1")
-  try:
-    devices = parallel.check_num_devices(t.num_devices, "train.num_devices")
-    parallel.check_batch_size(t.batch_size, devices, "train.batch_size")
-  except ValueError as e:
-    raise ValueError(f"{e} (train.num_devices={t.num_devices})") from None
-  try:
-    training.multitask.check_tasks(t.tasks)
-  except ValueError as e:
-    raise ValueError(f"train.{e}") from None
-  w = t.get("task_weights", {})
-  _check(all(k in training.multitask.TASKS for k in w)
-         and all(isinstance(v, (int, float)) and v >= 0 and np.isfinite(v) for v in w.values()),
-         "train.task_weights", dict(w), f"a dict from tasks {training.multitask.TASKS} to "
-         "finite weights >= 0")
-  for field, m in (("teacher", teacher), ("student", student)):
-    _check(m.frontend == "raw" or "modulation" not in t.tasks or channel.modulation_pilots,
-           f"{field}.frontend", m.frontend, "'raw' when the modulation task is blind "
-           "(the 'pilots' front end needs channel.modulation_pilots=True)")
-  for name in ("train",) + STAGES:
-    lr = config[name].learning_rate
-    _check(isinstance(lr, (int, float)) and lr > 0 and np.isfinite(lr),
-           f"{name}.learning_rate", lr, "a finite number > 0")
-  for name in STAGES:
-    _check(_is_int(config[name].steps, 0 if name == "quantize" else 1), f"{name}.steps",
-           config[name].steps, ">= 1 (quantize: >= 0, 0 is post-training quantization)")
-  prune = prune_plan(config.prune)
-  try:
-    spec = quantization.Spec(bits=config.quantize.bits, symmetric=config.quantize.symmetric,
-                             granularity=config.quantize.granularity)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"quantize: {e}") from None
-  d = config.distill
-  _check(isinstance(d.temperature, (int, float)) and d.temperature > 0,
-         "distill.temperature", d.temperature, "a number > 0")
-  _check(isinstance(d.alpha, (int, float)) and 0 <= d.alpha <= 1, "distill.alpha",
-         d.alpha, "a number in [0, 1]")
-  e = config.eval
-  for f in ("batch_size", "frames_per_point", "latency_batch", "latency_repeats"):
-    _check(_is_int(e[f], 1), f"eval.{f}", e[f], "an int >= 1")
-  _check(e.frames_per_point % e.batch_size == 0, "eval.frames_per_point", e.frames_per_point,
-         f"a multiple of eval.batch_size={e.batch_size}")
-  points = tuple(e.snr_points)
-  _check(len(points) >= 2 and all(isinstance(p, (int, float)) and np.isfinite(p)
-                                  for p in points)
-         and all(a < b for a, b in zip(points, points[1:])),
-         "eval.snr_points", e.snr_points, "at least two increasing finite numbers (dB)")
-  _check(isinstance(e.high_snr_db, (int, float)), "eval.high_snr_db", e.high_snr_db,
-         "a number (dB)")
-  compare = tuple(config.get("compare", ()))
-  _check(len(compare) in (0, 2) and all(c in config.pipelines for c in compare), "compare",
-         compare, f"() or two pipeline names from {tuple(config.pipelines)}")
-  pipelines = {}
-  for name, text in config.pipelines.items():
-    _check(isinstance(text, str), f"pipelines.{name}", text,
-           f"a comma-separated string of stages from {STAGES}")
-    stages = parse_stages(text, f"pipelines.{name}")
-    _check(len(stages) > 0, f"pipelines.{name}", text, f"at least one stage of {STAGES}")
-    pipelines[name] = stages
-  return Setup(channel, teacher, student, pipelines, spec, prune)
 
 
 def prune_plan(p: Any) -> PrunePlan:

@@ -12,6 +12,7 @@ import pytest
 
 from compressjax import quantization
 from compressjax import stages
+from compressjax.studies import engine
 from compressjax.studies import wireless
 from compressjax.training import checkpoint
 from experiments import sweep
@@ -136,6 +137,29 @@ def test_bad_config_is_rejected_naming_the_field(override, message):
   helpers.set_fields(c, override)
   with pytest.raises(ValueError, match=message):
     wireless.validate(c)
+
+
+def test_validate_resolves_every_stage_into_a_plan():
+  c = _config(S="prune,distill:small,finetune", Q="quantize,prune")
+  c.quantize.steps = 0
+  plan = wireless.validate(c)
+  assert plan.eval.snr_points == tuple(c.eval.snr_points) and plan.tasks == tuple(c.train.tasks)
+  assert plan.teacher_optimizer == engine.OptimizerPlan(
+      "adamw", c.train.learning_rate, c.train.steps, c.train.warmup_steps,
+      c.train.weight_decay, 0.05)
+  prune, small, finetune = plan.pipelines["S"]
+  assert (prune.dirname, prune.label, prune.prefix) == ("1_prune", "1_prune", "prune:")
+  assert prune.optimizer.steps == c.prune.steps and prune.model == plan.teacher
+  # A fresh student: the teacher's budget and schedule, distilled from the teacher; the
+  # prune constraint stays in force (its masks re-derived on the new architecture).
+  assert small.label == "2_distill:small" and small.prefix == "prune:,distill:small"
+  assert small.from_init and small.kd and small.model == plan.student
+  assert small.optimizer == plan.teacher_optimizer and small.steps == c.train.steps
+  assert small.constraints == finetune.constraints == ("prune",)
+  assert finetune.model == plan.student and not finetune.kd and not finetune.from_init
+  ptq, qprune = plan.pipelines["Q"]
+  assert ptq.optimizer is None and ptq.steps == 0 and ptq.constraints == ("quantize",)
+  assert qprune.constraints == ("quantize", "prune")
 
 
 def _launch(*args, cwd=ROOT):

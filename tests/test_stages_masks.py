@@ -9,6 +9,7 @@ import pytest
 from compressjax import pruning
 from compressjax import quantization as q
 from compressjax import stages
+from compressjax.studies import wireless
 from experiments import sweep
 from tests import helpers
 from tests.pruning.test_initial_masks import _params
@@ -19,7 +20,7 @@ _is_masked = lambda x: isinstance(x, optax.MaskedNode)
 def _setup(**override):
   c = sweep.get_config("tiny")
   helpers.set_fields(c, {f"prune.{k}": v for k, v in override.items()})
-  return c, stages.validate(c)
+  return c, wireless.validate(c)
 
 
 def _teacher(setup, seed=0):

@@ -35,89 +35,347 @@ every host); with ``train.vmap_seeds`` all seeds train as one ``jax.vmap``-ed pr
 (their checkpoints under ``workdir/sweep_<seeds>/``). Updates from non-finite gradients
 are skipped and counted (``nonfinite_steps`` in each record); ``train.max_nonfinite`` in
 a row stop the run.
+
+`validate` checks the whole config and resolves it into a typed `Plan` (one `StagePlan`
+per stage of every pipeline) before any work; nothing below `run` reads the config. The
+measurements and the report are in `compressjax.studies.wireless_measure`.
 """
 
 import functools
 import os
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from compressjax import distillation
 from compressjax import quantization
 from compressjax import reporting
 from compressjax import training
-from compressjax.measurement import COLUMNS
-from compressjax.measurement import add_losses
-from compressjax.measurement import evaluation_set
-from compressjax.measurement import footer
-from compressjax.measurement import measure
-from compressjax.measurement import references
+from compressjax.channels import ChannelConfig
+from compressjax.channels import constellations
 from compressjax.models import iq_transformer
 from compressjax.stages import carried_masks
 from compressjax.stages import compose
-from compressjax.stages import Setup
-from compressjax.stages import validate
+from compressjax.stages import prune_plan
+from compressjax.stages import PrunePlan
 from compressjax.studies import engine
+from compressjax.studies import wireless_measure as wm
+from compressjax.studies.wireless_measure import EvalPlan
 from compressjax.training import parallel
 
+STAGES = ("prune", "quantize", "distill", "finetune")
+DISTILL_STUDENTS = ("inherit", "small")
 _SHOW = ("ser_top", "accuracy", "nmse_db", "bytes")  # in the "stage done" console line
+# The optimizer of every stage: AdamW on a cosine decay to this fraction of its peak.
+_END_FRACTION = 0.05
 
-def _optimizer(lr: float, steps: int, weight_decay: float, warmup: int = 0):
-  """AdamW with a cosine decay to 5% of ``lr`` (after a linear warm-up, if any)."""
-  return engine.optimizer(engine.OptimizerPlan("adamw", lr, steps, warmup, weight_decay,
-                                               end_fraction=0.05))
+
+class StagePlan(NamedTuple):
+  """One stage of a pipeline, resolved.
+
+  Attributes:
+    kind: one of `STAGES`.
+    option: ``distill``'s student (one of `DISTILL_STUDENTS`), else None.
+    dirname: its directory under the pipeline's (``"3_distill"``).
+    label: its row name after the pipeline's (``"3_distill:inherit"``).
+    prefix: the stages up to it (``"prune:,quantize:,distill:inherit"``): a stage runs once
+      per distinct prefix (pipelines that share it share its row), and its PRNG keys are
+      folded from it.
+    steps: training steps (``quantize`` with 0: post-training quantization).
+    optimizer: its optimizer (AdamW), or None when it does not train (post-training
+      quantization).
+    model: the architecture it trains (the teacher's, or the student's from a
+      ``distill:small`` stage on).
+    from_init: starts from a fresh ``model`` (``distill:small``) instead of the previous
+      stage's params (and then from no masks: a new architecture has its own).
+    kd: trains on the Hinton et al. (2015) loss against the fp32 teacher (``distill``)
+      instead of the task loss alone.
+    constraints: the ``prune``/``quantize`` stages in force after it (earlier ones and its
+      own, in order): the wrappers its optimizer stacks.
+  """
+  kind: str
+  option: str | None
+  dirname: str
+  label: str
+  prefix: str
+  steps: int
+  optimizer: engine.OptimizerPlan | None
+  model: iq_transformer.IQTransformerConfig
+  from_init: bool
+  kd: bool
+  constraints: tuple[str, ...]
+
+
+class Plan(NamedTuple):
+  """What a wireless config resolves to (nothing below `run` reads the config).
+
+  Attributes:
+    channel: the link every frame goes through.
+    teacher: the teacher's architecture.
+    student: the ``distill:small`` student's architecture.
+    seeds: the seeds (each trains the teacher and every pipeline).
+    train: how stages train (`engine.TrainPlan`).
+    tasks: the tasks trained and measured.
+    task_weights: loss weight per task (missing: 1).
+    teacher_optimizer: the teacher's optimizer (AdamW, warm-up then a cosine decay to 5%).
+    pipelines: pipeline name -> its stages, in order.
+    prune: the prune stage's settings.
+    spec: the quantize stage's quantizer (and the export's).
+    temperature: the KD temperature.
+    alpha: the KD soft-target weight.
+    eval: how every model is measured.
+    compare: () or the two pipelines whose final rows results.md compares seed by seed.
+  """
+  channel: ChannelConfig
+  teacher: iq_transformer.IQTransformerConfig
+  student: iq_transformer.IQTransformerConfig
+  seeds: tuple[int, ...]
+  train: engine.TrainPlan
+  tasks: tuple[str, ...]
+  task_weights: dict[str, float]
+  teacher_optimizer: engine.OptimizerPlan
+  pipelines: dict[str, tuple[StagePlan, ...]]
+  prune: PrunePlan
+  spec: quantization.Spec
+  temperature: float
+  alpha: float
+  eval: EvalPlan
+  compare: tuple[str, ...]
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
+  if not cond:
+    raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+
+def _is_int(v: Any, lo: int) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _model_config(c: Any, channel: ChannelConfig, field: str) -> Any:
+  try:
+    return iq_transformer.IQTransformerConfig(
+        **dict(c), seq_len=channel.seq_len, num_classes=len(channel.modulations),
+        num_symbols=constellations.order(channel.modulation), num_taps=channel.tap_count,
+        num_pilots=channel.num_pilots,
+        # The front end's LMMSE prior: the deployment's mean tap powers.
+        tap_powers=tuple(channel.tap_powers) if c.get("frontend") == "pilots" else None)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{field}: {e}") from None
+
+
+def _parse(text: str, field: str) -> tuple[tuple[str, str | None], ...]:
+  """Parses ``"prune,quantize,distill:small"`` into (kind, option) pairs."""
+  stages = []
+  for item in [s.strip() for s in text.split(",") if s.strip()]:
+    kind, _, option = item.partition(":")
+    if kind not in STAGES:
+      raise ValueError(f"{field}: stage must be one of {STAGES}, got {kind!r}")
+    if kind == "distill":
+      option = option or "inherit"
+      if option not in DISTILL_STUDENTS:
+        raise ValueError(f"{field}: distill student must be one of {DISTILL_STUDENTS}, "
+                         f"got {option!r}")
+    elif option:
+      raise ValueError(f"{field}: stage {kind!r} takes no option, got {item!r}")
+    stages.append((kind, option or None))
+  return tuple(stages)
+
+
+def _pipeline(stages: tuple[tuple[str, str | None], ...], config: Any,
+              teacher: iq_transformer.IQTransformerConfig,
+              student: iq_transformer.IQTransformerConfig,
+              teacher_optimizer: engine.OptimizerPlan) -> tuple[StagePlan, ...]:
+  """Resolves one pipeline's stages (their blocks are checked already)."""
+  plans, constraints, model = [], (), teacher
+  for i, (kind, option) in enumerate(stages):
+    c = config[kind]
+    steps = c.steps
+    opt = None
+    if not (kind == "quantize" and steps == 0):
+      opt = engine.OptimizerPlan("adamw", float(c.learning_rate), max(steps, 1), 0,
+                                 float(config.train.weight_decay), _END_FRACTION)
+    from_init = kind == "distill" and option == "small"
+    if from_init:
+      # A fresh student is trained from scratch: the teacher's budget and schedule.
+      model, steps, opt = student, teacher_optimizer.steps, teacher_optimizer
+    if kind in ("prune", "quantize"):
+      constraints += (kind,)
+    dirname = f"{i + 1}_{kind}"
+    plans.append(StagePlan(
+        kind=kind, option=option, dirname=dirname,
+        label=dirname + (f":{option}" if option else ""),
+        prefix=",".join(f"{k}:{o or ''}" for k, o in stages[:i + 1]), steps=steps,
+        optimizer=opt, model=model, from_init=from_init, kd=kind == "distill",
+        constraints=constraints))
+  return tuple(plans)
+
+
+def validate(config: Any) -> Plan:
+  """Checks every field a run uses and resolves the config; raises before any work.
+
+  Args:
+    config: an ``ml_collections.ConfigDict`` shaped like ``experiments/common.py``.
+
+  Returns:
+    The resolved `Plan`.
+
+  Raises:
+    ValueError: naming the field, its value and what is allowed.
+  """
+  try:
+    channel = ChannelConfig(**dict(config.channel))
+  except TypeError as e:
+    raise ValueError(f"channel: {e}") from None
+  except ValueError as e:
+    raise ValueError(f"channel.{e}") from None
+  teacher = _model_config(config.teacher, channel, "teacher")
+  student = _model_config(config.student, channel, "student")
+  seeds = tuple(config.seeds)
+  _check(len(seeds) > 0 and all(_is_int(s, 0) for s in seeds), "seeds", config.seeds,
+         "a non-empty tuple of ints >= 0")
+  _check(len(set(seeds)) == len(seeds), "seeds", config.seeds, "distinct")
+  t = config.train
+  _check(_is_int(t.steps, 1), "train.steps", t.steps, "an int >= 1")
+  _check(_is_int(t.batch_size, 1), "train.batch_size", t.batch_size, "an int >= 1")
+  _check(_is_int(t.warmup_steps, 0) and t.warmup_steps < t.steps, "train.warmup_steps",
+         t.warmup_steps, f"an int in [0, train.steps={t.steps})")
+  _check(isinstance(t.weight_decay, (int, float)) and not isinstance(t.weight_decay, bool)
+         and t.weight_decay >= 0 and np.isfinite(t.weight_decay), "train.weight_decay",
+         t.weight_decay, "a finite number >= 0")
+  _check(_is_int(t.log_every, 1), "train.log_every", t.log_every, "an int >= 1")
+  _check(isinstance(t.vmap_seeds, bool), "train.vmap_seeds", t.vmap_seeds, "True or False")
+  _check(_is_int(t.checkpoint_every, 0), "train.checkpoint_every", t.checkpoint_every,
+         "an int >= 0 (0 = no periodic checkpoints)")
+  _check(_is_int(t.keep_checkpoints, 2), "train.keep_checkpoints", t.keep_checkpoints,
+         "an int >= 2 (one to fall back on)")
+  _check(_is_int(t.max_nonfinite, 1), "train.max_nonfinite", t.max_nonfinite, "an int >= 1")
+  try:
+    devices = parallel.check_num_devices(t.num_devices, "train.num_devices")
+    parallel.check_batch_size(t.batch_size, devices, "train.batch_size")
+  except ValueError as e:
+    raise ValueError(f"{e} (train.num_devices={t.num_devices})") from None
+  try:
+    training.multitask.check_tasks(t.tasks)
+  except ValueError as e:
+    raise ValueError(f"train.{e}") from None
+  w = t.get("task_weights", {})
+  _check(all(k in training.multitask.TASKS for k in w)
+         and all(isinstance(v, (int, float)) and v >= 0 and np.isfinite(v) for v in w.values()),
+         "train.task_weights", dict(w), f"a dict from tasks {training.multitask.TASKS} to "
+         "finite weights >= 0")
+  for field, m in (("teacher", teacher), ("student", student)):
+    _check(m.frontend == "raw" or "modulation" not in t.tasks or channel.modulation_pilots,
+           f"{field}.frontend", m.frontend, "'raw' when the modulation task is blind "
+           "(the 'pilots' front end needs channel.modulation_pilots=True)")
+  for name in ("train",) + STAGES:
+    lr = config[name].learning_rate
+    _check(isinstance(lr, (int, float)) and lr > 0 and np.isfinite(lr),
+           f"{name}.learning_rate", lr, "a finite number > 0")
+  for name in STAGES:
+    _check(_is_int(config[name].steps, 0 if name == "quantize" else 1), f"{name}.steps",
+           config[name].steps, ">= 1 (quantize: >= 0, 0 is post-training quantization)")
+  prune = prune_plan(config.prune)
+  try:
+    spec = quantization.Spec(bits=config.quantize.bits, symmetric=config.quantize.symmetric,
+                             granularity=config.quantize.granularity)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"quantize: {e}") from None
+  d = config.distill
+  _check(isinstance(d.temperature, (int, float)) and d.temperature > 0,
+         "distill.temperature", d.temperature, "a number > 0")
+  _check(isinstance(d.alpha, (int, float)) and 0 <= d.alpha <= 1, "distill.alpha",
+         d.alpha, "a number in [0, 1]")
+  e = config.eval
+  for f in ("batch_size", "frames_per_point", "latency_batch", "latency_repeats"):
+    _check(_is_int(e[f], 1), f"eval.{f}", e[f], "an int >= 1")
+  _check(e.frames_per_point % e.batch_size == 0, "eval.frames_per_point", e.frames_per_point,
+         f"a multiple of eval.batch_size={e.batch_size}")
+  points = tuple(e.snr_points)
+  _check(len(points) >= 2 and all(isinstance(p, (int, float)) and np.isfinite(p)
+                                  for p in points)
+         and all(a < b for a, b in zip(points, points[1:])),
+         "eval.snr_points", e.snr_points, "at least two increasing finite numbers (dB)")
+  _check(isinstance(e.high_snr_db, (int, float)), "eval.high_snr_db", e.high_snr_db,
+         "a number (dB)")
+  compare = tuple(config.get("compare", ()))
+  _check(len(compare) in (0, 2) and all(c in config.pipelines for c in compare), "compare",
+         compare, f"() or two pipeline names from {tuple(config.pipelines)}")
+  teacher_optimizer = engine.OptimizerPlan("adamw", float(t.learning_rate), t.steps,
+                                           t.warmup_steps, float(t.weight_decay),
+                                           _END_FRACTION)
+  pipelines = {}
+  for name, text in config.pipelines.items():
+    _check(isinstance(text, str), f"pipelines.{name}", text,
+           f"a comma-separated string of stages from {STAGES}")
+    stages = _parse(text, f"pipelines.{name}")
+    _check(len(stages) > 0, f"pipelines.{name}", text, f"at least one stage of {STAGES}")
+    pipelines[name] = _pipeline(stages, config, teacher, student, teacher_optimizer)
+  return Plan(
+      channel=channel, teacher=teacher, student=student, seeds=seeds,
+      train=engine.TrainPlan(t.batch_size, t.log_every, t.checkpoint_every,
+                             t.keep_checkpoints, t.max_nonfinite, t.num_devices,
+                             t.vmap_seeds),
+      tasks=tuple(t.tasks), task_weights=dict(w), teacher_optimizer=teacher_optimizer,
+      pipelines=pipelines, prune=prune, spec=spec, temperature=float(d.temperature),
+      alpha=float(d.alpha),
+      eval=EvalPlan(tuple(float(p) for p in points), e.frames_per_point, e.batch_size,
+                    e.latency_batch, e.latency_repeats, float(e.high_snr_db)),
+      compare=compare)
+
+
+# ------------------------------------------------------------------------------- the run
 
 
 def _model(cfg):
   return iq_transformer.IQTransformer(cfg)
 
 
-def train_plan(config) -> engine.TrainPlan:
-  """The study's `engine.TrainPlan` (its ``train`` block)."""
-  t = config.train
-  return engine.TrainPlan(t.batch_size, t.log_every, t.checkpoint_every, t.keep_checkpoints,
-                          t.max_nonfinite, t.num_devices, t.vmap_seeds)
-
-
-def _train(config, setup, name, model_cfg, inits, txs, steps, keys, ckpt_dir, teacher=None):
+def _train(plan, name, model_cfg, inits, txs, steps, keys, ckpt_dir, teacher=None):
   """Trains a group of models (one per seed) with ``txs`` for ``steps``; KD if ``teacher``.
 
   Args:
+    plan: the study's `Plan`.
+    name: the progress lines' tag.
+    model_cfg: the architecture trained.
     inits: the group's initial params, one per seed (two or more: one vmapped program).
     txs: the optimizer per seed.
+    steps: training steps.
     keys: their PRNG keys.
     ckpt_dir: where the run's periodic checkpoints go (it resumes from them).
-    teacher: ``(teacher_cfg, [teacher params per seed])`` or None.
+    teacher: the teacher's params per seed to distil from (KD loss), or None.
 
   Returns:
     One `engine.Trained` per seed (``variables``: the params).
   """
-  t = config.train
-  weights = dict(t.get("task_weights", {}))
+  weights = plan.task_weights
   if teacher is None:
     loss_fn = lambda o, b: training.task_losses(o, b, weights)
     kd_teacher = None
   else:
-    kd = functools.partial(distillation.kd_loss, temperature=config.distill.temperature,
-                           alpha=config.distill.alpha)
+    kd = functools.partial(distillation.kd_loss, temperature=plan.temperature,
+                           alpha=plan.alpha)
     loss_fn = lambda o, b, tv: training.kd_task_losses(o, b, tv, kd, weights)
-    kd_teacher = engine.Teacher(training.multitask_forward(_model(teacher[0]).apply),
-                                [{"params": p} for p in teacher[1]])
+    kd_teacher = engine.Teacher(training.multitask_forward(_model(plan.teacher).apply),
+                                [{"params": p} for p in teacher])
   return engine.train_group(
-      train_plan(config), name, forward=training.multitask_forward(_model(model_cfg).apply),
-      loss_fn=loss_fn, data_fn=training.multitask_data_fn(setup.channel, t.batch_size,
-                                                          tuple(t.tasks)),
+      plan.train, name, forward=training.multitask_forward(_model(model_cfg).apply),
+      loss_fn=loss_fn, data_fn=training.multitask_data_fn(plan.channel, plan.train.batch_size,
+                                                          plan.tasks),
       inits=inits, txs=txs, keys=keys, steps=steps, ckpt_dir=ckpt_dir, teacher=kd_teacher,
       to_variables=lambda s: s.params, show=("loss", "modulation/accuracy", "symbols/ser"))
 
 
-def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
-              eval_batches: list, refs: dict) -> list[dict[str, Any]]:
+def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: list,
+              refs: dict) -> list[dict[str, Any]]:
   """Trains the teachers of ``seeds`` and runs every pipeline on them; returns the records.
 
   With several seeds every stage trains them together, ``jax.vmap``-ed in one program.
@@ -129,15 +387,14 @@ def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
                            os.path.join(workdir, "sweep_" + "-".join(map(str, seeds)), rel,
                                         "ckpt"))
   tag = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds}"
-  t = config.train
   init_keys, train_keys, stage_keys = zip(*[jax.random.split(jax.random.key(s), 3)
                                             for s in seeds])
-  teacher_init = [iq_transformer.init_params(setup.teacher, k) for k in init_keys]
-  tx = _optimizer(t.learning_rate, t.steps, t.weight_decay, t.warmup_steps)
+  teacher_init = [iq_transformer.init_params(plan.teacher, k) for k in init_keys]
+  tx = engine.optimizer(plan.teacher_optimizer)
   teacher_dirs = [os.path.join(r, "teacher") for r in roots]
   done_teachers = engine.restore_or_run(teacher_dirs, teacher_init, lambda: _train(
-      config, setup, f"{tag} teacher", setup.teacher, teacher_init, [tx] * len(seeds),
-      t.steps, list(train_keys), ckpt_root("teacher")))
+      plan, f"{tag} teacher", plan.teacher, teacher_init, [tx] * len(seeds),
+      plan.teacher_optimizer.steps, list(train_keys), ckpt_root("teacher")))
   teachers = [r.variables for r in done_teachers]
 
   def with_refs(rec):
@@ -147,84 +404,75 @@ def run_group(config: Any, setup: Setup, workdir: str, seeds: tuple[int, ...],
       rec = {**rec, "accuracy_curve": {**rec["accuracy_curve"], **refs["accuracy"]}}
     return rec
 
-  records = [[with_refs(engine.record(d, "teacher", lambda r=r: {**measure(
-      config, setup, setup.teacher, r.variables, eval_batches, quantized=False),
-      "nonfinite_steps": engine.nonfinite_steps(r.history)}, _SHOW))]
+  def measured(d, label, result, model_cfg, quantized):
+    return with_refs(engine.record(d, label, lambda: {**wm.measure(
+        plan.eval, plan.channel, model_cfg, result.variables, eval_batches,
+        plan.spec if quantized else None),
+        "nonfinite_steps": engine.nonfinite_steps(result.history)}, _SHOW))
+
+  records = [[measured(d, "teacher", r, plan.teacher, False)]
              for d, r in zip(teacher_dirs, done_teachers)]
   # A stage is run once per distinct prefix of stages: "prune" is the first stage of
   # "prune,quantize,distill" too, and its row is shared (its randomness comes from the
   # prefix, not the pipeline's name).
   done = {}
-  for name, stages in setup.pipelines.items():
-    params, model_cfg, kinds = teachers, setup.teacher, ()
+  for name, stages in plan.pipelines.items():
+    params = teachers
     # The prune stage's masks, carried as state into every later stage (never re-derived).
     masks = [None] * len(seeds)
-    for i, stage in enumerate(stages):
-      label = f"{name}/{i + 1}_{stage.kind}" + (f":{stage.option}" if stage.option else "")
-      prefix = ",".join(f"{x.kind}:{x.option or ''}" for x in stages[:i + 1])
-      if prefix in done:
-        params, masks, model_cfg, kinds, recs = done[prefix]
+    for stage in stages:
+      label = f"{name}/{stage.label}"
+      if stage.prefix in done:
+        params, masks, recs = done[stage.prefix]
         for rec, r in zip(records, recs):
           rec.append({**r, "name": label, "same_as": r["name"]})
         continue
-      rel = os.path.join(name, f"{i + 1}_{stage.kind}")
+      rel = os.path.join(name, stage.dirname)
       stage_dirs = [os.path.join(r, rel) for r in roots]
-      keys_i = [jax.random.fold_in(k, zlib.crc32(prefix.encode()) % (2 ** 31))
+      keys_i = [jax.random.fold_in(k, zlib.crc32(stage.prefix.encode()) % (2 ** 31))
                 for k in stage_keys]
-      c = config[stage.kind]
-      steps, opt = c.steps, _optimizer(c.learning_rate, max(c.steps, 1), t.weight_decay)
-      teacher_pair = None
-      if stage.kind == "distill":
-        teacher_pair = (setup.teacher, teachers)
-        if stage.option == "small":
-          # A fresh student is trained from scratch: the teacher's budget and schedule.
-          model_cfg = setup.student
-          params = [iq_transformer.init_params(model_cfg, jax.random.fold_in(k, 1))
-                    for k in keys_i]
-          masks = [None] * len(seeds)   # another architecture: its own masks at step 0
-          steps = t.steps
-          opt = _optimizer(t.learning_rate, t.steps, t.weight_decay, t.warmup_steps)
+      if stage.from_init:
+        params = [iq_transformer.init_params(stage.model, jax.random.fold_in(k, 1))
+                  for k in keys_i]
+        masks = [None] * len(seeds)   # another architecture: its own masks at step 0
       fresh = stage.kind if stage.kind in ("prune", "quantize") else None
-      kinds = kinds + ((stage.kind,) if fresh else ())
-      txs = [compose(opt, kinds, setup.prune, setup.spec, fresh=fresh, steps=steps,
-                   masks=m)
-             for m in masks]
-      start, cfg_i = params, model_cfg
-      if stage.kind == "quantize" and c.steps == 0:
-        run = lambda start=start, kinds=kinds, masks=masks: [engine.Trained(
+      start = params
+      if stage.optimizer is None:   # post-training quantization of the running model
+        run = lambda start=start, stage=stage, masks=masks: [engine.Trained(
             jax.device_get(quantization.quantize_tree(
-                _start_on_constraints(p, kinds[:-1], config, setup, m), setup.spec)),
+                _start_on_constraints(p, stage.constraints[:-1], plan, m), plan.spec)),
             [], m, None) for p, m in zip(start, masks)]
       else:
-        run = lambda start=start, cfg_i=cfg_i, txs=txs, steps=steps, tp=teacher_pair, \
-            keys_i=keys_i, rel=rel, label=label: _train(
-                config, setup, f"{tag} {label}", cfg_i, start, txs, steps, keys_i,
-                ckpt_root(rel), tp)
+        opt = engine.optimizer(stage.optimizer)
+        txs = [compose(opt, stage.constraints, plan.prune, plan.spec, fresh=fresh,
+                       steps=stage.steps, masks=m)
+               for m in masks]
+        run = lambda start=start, stage=stage, txs=txs, keys_i=keys_i, rel=rel, \
+            label=label: _train(plan, f"{tag} {label}", stage.model, start, txs, stage.steps,
+                                keys_i, ckpt_root(rel), teachers if stage.kd else None)
       mask_targets = None
       if stage.kind == "prune":
-        mask_targets = [carried_masks(compose(optax.identity(), ("prune",), setup.prune,
-                                              setup.spec).init(p)) for p in start]
+        mask_targets = [carried_masks(compose(optax.identity(), ("prune",), plan.prune,
+                                              plan.spec).init(p)) for p in start]
       results = engine.restore_or_run(stage_dirs, start, run, mask_targets)
       params = [r.variables for r in results]
       if stage.kind == "prune":
         masks = [r.masks for r in results]
-      quantized = "quantize" in kinds
+      quantized = "quantize" in stage.constraints
       for rec, d, r in zip(records, stage_dirs, results):
-        rec.append(with_refs(engine.record(d, label, lambda r=r, m=model_cfg, q=quantized: {
-            **measure(config, setup, m, r.variables, eval_batches, q),
-            "nonfinite_steps": engine.nonfinite_steps(r.history)}, _SHOW)))
-      done[prefix] = (params, masks, model_cfg, kinds, [rec[-1] for rec in records])
+        rec.append(measured(d, label, r, stage.model, quantized))
+      done[stage.prefix] = (params, masks, [rec[-1] for rec in records])
   for seed, recs in zip(seeds, records):
     for r in recs:
       r["seed"] = seed
   return [r for recs in records for r in recs]
 
 
-def _start_on_constraints(params, kinds, config, setup, masks=None):
+def _start_on_constraints(params, kinds, plan, masks=None):
   """Params after one zero-gradient step of the constraint stack (``masks`` carried)."""
   if not kinds:
     return params
-  tx = compose(optax.sgd(0.0), kinds, setup.prune, setup.spec, masks=masks)
+  tx = compose(optax.sgd(0.0), kinds, plan.prune, plan.spec, masks=masks)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   return optax.apply_updates(params, updates)
 
@@ -235,26 +483,28 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   Writes ``metrics.json`` (every record), ``results.md`` (one row per stage; the mean
   and standard deviation over seeds when there are several) and the plots.
   """
-  setup = validate(config)
+  plan = validate(config)
   os.makedirs(workdir, exist_ok=True)
   logging.info("devices: %s", jax.devices())
-  eval_batches = evaluation_set(config, setup)
-  refs = references(config, setup, eval_batches)
-  seeds = tuple(config.seeds)
-  groups = [seeds] if config.train.vmap_seeds else [(s,) for s in seeds]
+  eval_batches = wm.evaluation_set(plan.eval, plan.channel, plan.tasks)
+  refs = wm.references(plan.eval, plan.channel, plan.tasks, eval_batches)
+  seeds = plan.seeds
+  groups = [seeds] if plan.train.vmap_seeds else [(s,) for s in seeds]
   records = []
   for group in groups:
-    records += run_group(config, setup, workdir, group, eval_batches, refs)
+    records += run_group(plan, workdir, group, eval_batches, refs)
   teacher_bytes = {r["seed"]: r["bytes"] for r in records if r["name"] == "teacher"}
   for r in records:
     r["compression"] = teacher_bytes[r["seed"]] / r["bytes"]
-  add_losses(records)
-  table = reporting.aggregate(records, COLUMNS) if len(config.seeds) > 1 else records
+  wm.add_losses(records)
+  table = reporting.aggregate(records, wm.COLUMNS) if len(seeds) > 1 else records
   if not parallel.is_main_process():
     return records
   reporting.write_json(os.path.join(workdir, "references.json"), refs)
-  engine.write_report(workdir, records, table=table, columns=COLUMNS,
-                         class_names=list(setup.channel.modulations),
-                         title=f"compressjax: seeds {tuple(config.seeds)}",
-                         footer=footer(config, refs, records, table))
+  final_rows = {name: f"{name}/{stages[-1].label}" for name, stages in plan.pipelines.items()}
+  engine.write_report(workdir, records, table=table, columns=wm.COLUMNS,
+                      class_names=list(plan.channel.modulations),
+                      title=f"compressjax: seeds {seeds}",
+                      footer=wm.footer(plan.eval, refs, records, table, plan.compare,
+                                       final_rows))
   return records
