@@ -1,6 +1,7 @@
 """Tests of the I/Q transformer: shapes, the contract layout, per-block sizes, sown maps."""
 
 import dataclasses
+import functools
 
 import chex
 import flax.linen as nn
@@ -21,15 +22,30 @@ def _iq(key=0, b=B, seq_len=8):
   return jax.random.normal(jax.random.key(key), (b, seq_len, 2))
 
 
+# The test's own jits compile at -O0 with the classic emitters: these tiny programs are
+# compile-bound, and that compiles them 2-3x faster.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                    "xla_cpu_use_fusion_emitters": False})
+
+
+# init_params itself, compiled by the test's jit (its own jit is inlined into it).
+_init_params = _jit(iqt.init_params, static_argnums=0)
+
+
+@functools.lru_cache
+def _apply_fn(cfg):
+  return _jit(iqt.IQTransformer(cfg).apply, static_argnames="mutable")
+
+
 def _apply(cfg, params, iq, mutable=False):
-  # Jitted: one compile is faster than op-by-op dispatch of a whole transformer.
-  fn = jax.jit(iqt.IQTransformer(cfg).apply, static_argnames="mutable")
-  return fn({"params": params}, iq, mutable=mutable)
+  # Jitted (one compile per config and shape): faster than op-by-op dispatch of a whole
+  # transformer.
+  return _apply_fn(cfg)({"params": params}, iq, mutable=mutable)
 
 
 @pytest.fixture(scope="module")
 def params():
-  return iqt.init_params(CFG, jax.random.key(0))
+  return _init_params(CFG, jax.random.key(0))
 
 
 def test_heads_have_documented_shapes(params):
@@ -64,10 +80,10 @@ def test_attention_matches_flax_multihead_attention():
   x = _iq(1, 2, 5)[..., :1] * jnp.ones((1, 1, 16))
   x = x + jax.random.normal(jax.random.key(2), x.shape)
   ours = iqt.Attention(num_heads=2, head_dim=4)
-  p = jax.jit(ours.init)(jax.random.key(3), x)["params"]
+  p = _jit(ours.init)(jax.random.key(3), x)["params"]
   ref = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, out_features=16)
-  np.testing.assert_allclose(jax.jit(ours.apply)({"params": p}, x),
-                             jax.jit(ref.apply)({"params": p}, x, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_jit(ours.apply)({"params": p}, x),
+                             _jit(ref.apply)({"params": p}, x, x), rtol=1e-5, atol=1e-5)
 
 
 def test_sown_attention_rows_sum_to_one_and_features_have_token_shape(params):
@@ -111,7 +127,7 @@ def test_materialized_heads_equal_zeroed_heads(params):
 
 def test_empty_block_is_identity_on_the_residual_stream():
   cfg = dataclasses.replace(CFG, num_heads=(0, 2), mlp_dim=(0, 8), positions="sinusoidal")
-  p = iqt.init_params(cfg, jax.random.key(5))
+  p = _init_params(cfg, jax.random.key(5))
   assert p["block_0"]["attn"]["query"]["kernel"].shape == (16, 0, 4)
   iq = _iq(6)
   out, state = _apply(cfg, p, iq, mutable="intermediates")
@@ -143,13 +159,13 @@ def test_config_from_params_round_trips(params):
 PILOTS = dataclasses.replace(CFG, seq_len=16, num_taps=2, num_pilots=4, frontend="pilots")
 
 
-def test_pilots_frontend_reads_its_feature_count_per_sample():
+def test_pilots_frontend_reads_its_feature_count_per_sample(params):
   assert CFG.in_channels == 2 and PILOTS.in_channels == 12 + 2 * 2
-  p = iqt.init_params(PILOTS, jax.random.key(0))
+  p = _init_params(PILOTS, jax.random.key(0))
   assert p["embed"]["kernel"].shape == (PILOTS.patch * PILOTS.in_channels, 16)
   # The per-sample skip path to the symbol logits exists only beside a front end.
   assert p["skip_symbols"]["kernel"].shape == (PILOTS.in_channels, 4)
-  assert "skip_symbols" not in iqt.init_params(CFG, jax.random.key(0))
+  assert "skip_symbols" not in params   # the fixture: init_params(CFG, key(0))
   out = _apply(PILOTS, p, _iq(seq_len=16))
   chex.assert_shape(out["symbols"], (B, 16, 4))
   assert all(np.all(np.isfinite(np.asarray(v))) for v in out.values())
@@ -160,7 +176,7 @@ def test_pilots_frontend_reads_its_feature_count_per_sample():
   assert iqt.config_from_params(PILOTS, jax.eval_shape(
       lambda: iqt.init_params(wide, jax.random.key(0)))) == wide
   with pytest.raises(ValueError, match="in_channels=16"):
-    iqt.config_from_params(PILOTS, iqt.init_params(CFG, jax.random.key(0)))
+    iqt.config_from_params(PILOTS, params)
 
 
 @pytest.mark.parametrize("overrides, field", [
