@@ -17,6 +17,7 @@ collective on a multi-host run).
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -93,6 +94,71 @@ class TrainPlan(NamedTuple):
   max_nonfinite: int
   num_devices: int
   vmap_seeds: bool
+
+
+# ------------------------------------------------------------- shared config checks
+
+
+def check(cond: bool, field: str, value: Any, allowed: str) -> None:
+  """Raises ``ValueError("<field> must be <allowed>, got <value>")`` unless ``cond``."""
+  if not cond:
+    raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+
+def is_int(v: Any, lo: int) -> bool:
+  """``v`` is an int (not a bool) and at least ``lo``."""
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
+
+
+def is_num(v: Any) -> bool:
+  """``v`` is a finite int or float (not a bool)."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_seeds(seeds: Any) -> tuple[int, ...]:
+  """The ``seeds`` field: a non-empty tuple of distinct ints >= 0."""
+  out = tuple(seeds)
+  check(len(out) > 0 and all(is_int(s, 0) for s in out), "seeds", seeds,
+        "a non-empty tuple of ints >= 0")
+  check(len(set(out)) == len(out), "seeds", seeds, "distinct")
+  return tuple(int(s) for s in out)
+
+
+def check_kd(d: Any, field: str = "distill") -> tuple[float, float]:
+  """A KD block's ``temperature`` (> 0) and ``alpha`` (in [0, 1]), as floats."""
+  check(is_num(d.temperature) and d.temperature > 0, f"{field}.temperature", d.temperature,
+        "a finite number > 0")
+  check(is_num(d.alpha) and 0 <= d.alpha <= 1, f"{field}.alpha", d.alpha,
+        "a number in [0, 1]")
+  return float(d.temperature), float(d.alpha)
+
+
+def train_plan(t: Any, max_batch: int | None = None) -> TrainPlan:
+  """Checks a config's ``train`` block (errors name ``train.<field>``); its `TrainPlan`.
+
+  Args:
+    t: the block (batch_size, log_every, checkpoint_every, keep_checkpoints,
+      max_nonfinite, num_devices, vmap_seeds).
+    max_batch: the largest batch allowed (a data set's size), or None.
+  """
+  hi = "" if max_batch is None else f" and <= {max_batch} (the training split's size)"
+  check(is_int(t.batch_size, 1) and (max_batch is None or t.batch_size <= max_batch),
+        "train.batch_size", t.batch_size, "an int >= 1" + hi)
+  check(is_int(t.log_every, 1), "train.log_every", t.log_every, "an int >= 1")
+  check(isinstance(t.vmap_seeds, bool), "train.vmap_seeds", t.vmap_seeds, "True or False")
+  check(is_int(t.checkpoint_every, 0), "train.checkpoint_every", t.checkpoint_every,
+        "an int >= 0 (0 = no periodic checkpoints)")
+  check(is_int(t.keep_checkpoints, 2), "train.keep_checkpoints", t.keep_checkpoints,
+        "an int >= 2 (one to fall back on)")
+  check(is_int(t.max_nonfinite, 1), "train.max_nonfinite", t.max_nonfinite, "an int >= 1")
+  try:
+    devices = parallel.check_num_devices(t.num_devices, "train.num_devices")
+    parallel.check_batch_size(t.batch_size, devices, "train.batch_size")
+  except ValueError as e:
+    raise ValueError(f"{e} (train.num_devices={t.num_devices})") from None
+  return TrainPlan(int(t.batch_size), int(t.log_every), int(t.checkpoint_every),
+                   int(t.keep_checkpoints), int(t.max_nonfinite), int(t.num_devices),
+                   bool(t.vmap_seeds))
 
 
 class Teacher(NamedTuple):

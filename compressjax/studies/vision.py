@@ -180,17 +180,7 @@ class Plan(NamedTuple):
 # ------------------------------------------------------------------------- validation
 
 
-def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
-  if not cond:
-    raise ValueError(f"{field} must be {allowed}, got {value!r}")
-
-
-def _is_int(v: Any, lo: int) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
-
-
-def _is_num(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_check, _is_int, _is_num = engine.check, engine.is_int, engine.is_num
 
 
 def _optimizer_plan(cfg: Any, field: str, min_steps: int) -> engine.OptimizerPlan:
@@ -318,34 +308,18 @@ def validate(config: Any) -> Plan:
     ValueError: naming the field, its value and what is allowed.
   """
   _check(config.get("study") == "vision", "study", config.get("study"), "'vision'")
-  seeds = tuple(config.seeds)
-  _check(len(seeds) > 0 and all(_is_int(s, 0) for s in seeds) and len(set(seeds)) == len(seeds),
-         "seeds", config.seeds, "a non-empty tuple of distinct ints >= 0")
+  seeds = engine.check_seeds(config.seeds)
   classes, shape, num_train = _data(config)
   tr = config.train
-  _check(_is_int(tr.batch_size, 1) and tr.batch_size <= num_train, "train.batch_size",
-         tr.batch_size, f"an int in [1, {num_train}] (the training split's size)")
-  for f in ("eval_every", "log_every", "max_nonfinite"):
-    _check(_is_int(tr[f], 1), f"train.{f}", tr[f], "an int >= 1")
-  _check(_is_int(tr.checkpoint_every, 0), "train.checkpoint_every", tr.checkpoint_every,
-         "an int >= 0 (0 = no periodic checkpoints)")
-  _check(_is_int(tr.keep_checkpoints, 2), "train.keep_checkpoints", tr.keep_checkpoints,
-         "an int >= 2 (one to fall back on)")
-  _check(isinstance(tr.vmap_seeds, bool), "train.vmap_seeds", tr.vmap_seeds, "True or False")
-  try:
-    devices = parallel.check_num_devices(tr.num_devices, "train.num_devices")
-    parallel.check_batch_size(tr.batch_size, devices, "train.batch_size")
-  except ValueError as e:
-    raise ValueError(f"{e} (train.num_devices={tr.num_devices})") from None
+  train = engine.train_plan(tr, max_batch=num_train)
+  _check(_is_int(tr.eval_every, 1), "train.eval_every", tr.eval_every, "an int >= 1")
   a = config.augment
   _check(_is_int(a.padding, 0) and a.padding < shape[0], "augment.padding", a.padding,
          f"an int in [0, {shape[0]})")
   _check(isinstance(a.flip, bool), "augment.flip", a.flip, "a bool")
   teacher_opt = _optimizer_plan(config.teacher, "teacher", 1)
   d = config.distill
-  _check(_is_num(d.temperature) and d.temperature > 0, "distill.temperature", d.temperature,
-         "a finite number > 0")
-  _check(_is_num(d.alpha) and 0 <= d.alpha <= 1, "distill.alpha", d.alpha, "a number in [0, 1]")
+  temperature, alpha = engine.check_kd(d)
   _check(d.init in DISTILL_INIT, "distill.init", d.init, f"one of {DISTILL_INIT}")
   l = config.lora
   _check(_is_int(l.rank, 1), "lora.rank", l.rank, "an int >= 1")
@@ -395,14 +369,11 @@ def validate(config: Any) -> Plan:
   # Jitted once: evaluation, FLOPs and latency of every row of a model share its program.
   apply = lambda m: jax.jit(lambda variables, x: m.apply(variables, x, train=False))
   return Plan(
-      seeds=tuple(int(s) for s in seeds),
-      train=engine.TrainPlan(tr.batch_size, tr.log_every, tr.checkpoint_every,
-                             tr.keep_checkpoints, tr.max_nonfinite, tr.num_devices,
-                             tr.vmap_seeds),
+      seeds=seeds, train=train,
       eval_every=tr.eval_every, padding=a.padding, flip=a.flip,
       teacher_stage=StagePlan("teacher", "teacher", None, teacher_opt.steps, teacher_opt, "ce",
                               True, ()),
-      stages=stages, temperature=float(d.temperature), alpha=float(d.alpha),
+      stages=stages, temperature=temperature, alpha=alpha,
       lora_rank=l.rank, lora_alpha=float(l.alpha), lora_bn=l.bn, lora_paths=paths,
       prune=prune, weight_spec=weight_spec, act_spec=act_spec, quant_where=quant_where,
       calib_batches=q.calib_batches, eval_batch_size=e.batch_size,

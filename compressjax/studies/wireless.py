@@ -151,13 +151,7 @@ class Plan(NamedTuple):
 # ------------------------------------------------------------------------- validation
 
 
-def _check(cond: bool, field: str, value: Any, allowed: str) -> None:
-  if not cond:
-    raise ValueError(f"{field} must be {allowed}, got {value!r}")
-
-
-def _is_int(v: Any, lo: int) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+_check, _is_int = engine.check, engine.is_int
 
 
 def _model_config(c: Any, channel: ChannelConfig, field: str) -> Any:
@@ -239,30 +233,15 @@ def validate(config: Any) -> Plan:
     raise ValueError(f"channel.{e}") from None
   teacher = _model_config(config.teacher, channel, "teacher")
   student = _model_config(config.student, channel, "student")
-  seeds = tuple(config.seeds)
-  _check(len(seeds) > 0 and all(_is_int(s, 0) for s in seeds), "seeds", config.seeds,
-         "a non-empty tuple of ints >= 0")
-  _check(len(set(seeds)) == len(seeds), "seeds", config.seeds, "distinct")
+  seeds = engine.check_seeds(config.seeds)
   t = config.train
   _check(_is_int(t.steps, 1), "train.steps", t.steps, "an int >= 1")
-  _check(_is_int(t.batch_size, 1), "train.batch_size", t.batch_size, "an int >= 1")
   _check(_is_int(t.warmup_steps, 0) and t.warmup_steps < t.steps, "train.warmup_steps",
          t.warmup_steps, f"an int in [0, train.steps={t.steps})")
   _check(isinstance(t.weight_decay, (int, float)) and not isinstance(t.weight_decay, bool)
          and t.weight_decay >= 0 and np.isfinite(t.weight_decay), "train.weight_decay",
          t.weight_decay, "a finite number >= 0")
-  _check(_is_int(t.log_every, 1), "train.log_every", t.log_every, "an int >= 1")
-  _check(isinstance(t.vmap_seeds, bool), "train.vmap_seeds", t.vmap_seeds, "True or False")
-  _check(_is_int(t.checkpoint_every, 0), "train.checkpoint_every", t.checkpoint_every,
-         "an int >= 0 (0 = no periodic checkpoints)")
-  _check(_is_int(t.keep_checkpoints, 2), "train.keep_checkpoints", t.keep_checkpoints,
-         "an int >= 2 (one to fall back on)")
-  _check(_is_int(t.max_nonfinite, 1), "train.max_nonfinite", t.max_nonfinite, "an int >= 1")
-  try:
-    devices = parallel.check_num_devices(t.num_devices, "train.num_devices")
-    parallel.check_batch_size(t.batch_size, devices, "train.batch_size")
-  except ValueError as e:
-    raise ValueError(f"{e} (train.num_devices={t.num_devices})") from None
+  train = engine.train_plan(t)
   try:
     training.multitask.check_tasks(t.tasks)
   except ValueError as e:
@@ -290,10 +269,7 @@ def validate(config: Any) -> Plan:
   except (TypeError, ValueError) as e:
     raise ValueError(f"quantize: {e}") from None
   d = config.distill
-  _check(isinstance(d.temperature, (int, float)) and d.temperature > 0,
-         "distill.temperature", d.temperature, "a number > 0")
-  _check(isinstance(d.alpha, (int, float)) and 0 <= d.alpha <= 1, "distill.alpha",
-         d.alpha, "a number in [0, 1]")
+  temperature, alpha = engine.check_kd(d)
   e = config.eval
   for f in ("batch_size", "frames_per_point", "latency_batch", "latency_repeats"):
     _check(_is_int(e[f], 1), f"eval.{f}", e[f], "an int >= 1")
@@ -321,12 +297,10 @@ def validate(config: Any) -> Plan:
     pipelines[name] = _pipeline(stages, config, teacher, student, teacher_optimizer)
   return Plan(
       channel=channel, teacher=teacher, student=student, seeds=seeds,
-      train=engine.TrainPlan(t.batch_size, t.log_every, t.checkpoint_every,
-                             t.keep_checkpoints, t.max_nonfinite, t.num_devices,
-                             t.vmap_seeds),
+      train=train,
       tasks=tuple(t.tasks), task_weights=dict(w), teacher_optimizer=teacher_optimizer,
-      pipelines=pipelines, prune=prune, spec=spec, temperature=float(d.temperature),
-      alpha=float(d.alpha),
+      pipelines=pipelines, prune=prune, spec=spec, temperature=temperature,
+      alpha=alpha,
       eval=EvalPlan(tuple(float(p) for p in points), e.frames_per_point, e.batch_size,
                     e.latency_batch, e.latency_repeats, float(e.high_snr_db)),
       compare=compare)
