@@ -14,6 +14,7 @@ from compressjax import quantization
 from compressjax import stages
 from compressjax.studies import engine
 from compressjax.studies import wireless
+from compressjax.studies import wireless_measure
 from compressjax.training import checkpoint
 from experiments import sweep
 from tests import helpers
@@ -224,6 +225,17 @@ def test_report_answers_in_db_beside_the_references(run):
   assert "| lmmse |" in text and "Paired differences P-Q-KD - Q-P-KD" in text
   assert "one seed only" in text
   assert os.path.getsize(os.path.join(workdir, "accuracy_vs_snr.png")) > 0
+  # The report explains itself: the run above the table, every column below it, one
+  # confusion matrix per final stage, latency relative to the teacher timed interleaved.
+  assert text.index("- **study**: wireless") < text.index("| stage |")
+  assert "- **evaluated at**: Es/N0 = 0 to 30 dB" in text and "- **size**: tiny" in text
+  for _, title, _ in wireless_measure.COLUMNS:
+    assert f"- **{title}**: " in text.split("## Columns")[1], title
+  for name in ("P-Q-KD_3_distill_inherit", "Q-P-KD_3_distill_inherit", "control_1_finetune"):
+    assert os.path.getsize(os.path.join(workdir, f"confusion_{name}.png")) > 0
+  assert "| 1 (reference) |" in text
+  assert all(r["latency_ms"] > 0 and r["latency_vs_teacher_lo"] <= r["latency_vs_teacher"]
+             <= r["latency_vs_teacher_hi"] for r in records)
 
 
 @pytest.mark.slow

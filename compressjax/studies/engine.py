@@ -360,3 +360,40 @@ def write_report(workdir: str, records: list[dict[str, Any]], **kwargs: Any) -> 
   """`reporting.write_report` from process 0 only (the other processes write nothing)."""
   if parallel.is_main_process():
     reporting.write_report(workdir, records, **kwargs)
+
+
+def time_rows(records: list[dict[str, Any]], models: list[tuple[Any, Any]], sample,
+              rounds: int) -> None:
+  """Times one seed's rows in interleaved rounds (`training.interleaved_latency`).
+
+  Each record gets ``latency_ms`` (the median) and its latency relative to the teacher
+  (the first row): the median per-round ratio, its 10th and 90th percentiles, and
+  ``latency_noisy`` when they cover 1.
+
+  Args:
+    records: the seed's records, in the order of ``models``.
+    models: ``(apply, variables)`` per record; the same jitted apply for rows of one
+      architecture shares its compiled program.
+    sample: the input batch timed.
+    rounds: timed rounds.
+  """
+  times = training.interleaved_latency([(apply, (v, sample)) for apply, v in models],
+                                       rounds=rounds)
+  for k, rec in enumerate(records):
+    ratio = training.latency_ratio(times[:, k], times[:, 0])
+    rec.update(latency_ms=1e3 * float(np.median(times[:, k])),
+               latency_vs_teacher=ratio["ratio"], latency_vs_teacher_lo=ratio["lo"],
+               latency_vs_teacher_hi=ratio["hi"], latency_noisy=ratio["noisy"])
+
+
+def latency_text(records: list[dict[str, Any]]) -> str:
+  """``"0.93x [0.88, 0.97]"``: the median per-round ratio to the teacher and its 10th and
+  90th percentiles, averaged over seeds; ``" noisy"`` appended when they cover 1."""
+  if not records or "latency_vs_teacher" not in records[0]:
+    return "-"
+  mean = lambda k: float(np.mean([r[k] for r in records]))
+  lo, mid, hi = mean("latency_vs_teacher_lo"), mean("latency_vs_teacher"), mean(
+      "latency_vs_teacher_hi")
+  if lo == mid == hi == 1.0:
+    return "1 (reference)"
+  return f"{mid:.2f}x [{lo:.2f}, {hi:.2f}]" + (" noisy" if lo <= 1.0 <= hi else "")

@@ -617,7 +617,7 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
   dirs = lambda name: [os.path.join(r, name) for r in g.roots]
   record = lambda d, name, fn: engine.record(d, name, fn, ("accuracy", "bytes"))
 
-  timed = []  # (apply, variables per seed) of every row, for `_latencies`
+  timed = []  # (apply, variables per seed) of every row, for `engine.time_rows`
   t0 = lambda: [_init(p.teacher, jax.random.fold_in(k, 101), p.image_shape) for k in g.keys]
   teachers = engine.restore_or_run(
       dirs("teacher"), [p.teacher_shapes] * n, lambda: _train(
@@ -642,9 +642,9 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
     spec = p.weight_spec if "quantize" in stage.constraints else None
     mask_targets = None
     if stage.kind == "ptq":
-      run = lambda starts=starts: [engine.Trained(
-          {**v, "params": quantization.ptq(v["params"], p.weight_spec, where=p.quant_where)}, [], None, None)
-          for v in starts]
+      run = lambda starts=starts, masks=masks: [engine.Trained(
+          {**v, "params": quantization.ptq(v["params"], p.weight_spec, where=p.quant_where)},
+          [], m, None) for v, m in zip(starts, masks)]
       spec = p.weight_spec
       extra.update(bits=p.weight_spec.bits, trainable_params=0)
     elif stage.kind == "quantize" and stage.steps == 0:
@@ -688,23 +688,9 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
       applies.append(apply)
     timed.append((applies[0], current))
   for recs, j in zip(records, range(n)):
-    _latencies(recs, [(apply, vs[j]) for apply, vs in timed], g.data.sample,
-               p.latency_repeats)
+    engine.time_rows(recs, [(apply, vs[j]) for apply, vs in timed], g.data.sample,
+                     p.latency_repeats)
   return records
-
-
-def _latencies(records: list[dict[str, Any]], models: list[tuple[Any, Any]], sample,
-               rounds: int) -> None:
-  """Times one seed's rows in interleaved rounds (`training.interleaved_latency`): each
-  record gets ``latency_ms`` (median) and its latency relative to the teacher (the
-  first row) with the per-round spread, marked noisy when the spread covers 1."""
-  times = training.interleaved_latency([(apply, (v, sample)) for apply, v in models],
-                                       rounds=rounds)
-  for k, rec in enumerate(records):
-    ratio = training.latency_ratio(times[:, k], times[:, 0])
-    rec.update(latency_ms=1e3 * float(np.median(times[:, k])),
-               latency_vs_teacher=ratio["ratio"], latency_vs_teacher_lo=ratio["lo"],
-               latency_vs_teacher_hi=ratio["hi"], latency_noisy=ratio["noisy"])
 
 
 def _targets(table: list[dict[str, Any]], targets) -> str:
@@ -722,19 +708,6 @@ def _targets(table: list[dict[str, Any]], targets) -> str:
                  f"{verdict(ratio >= acc_bar)}, >= {size_bar:.0%} fewer bytes "
                  f"{verdict(smaller >= size_bar)}")
   return "\n".join(lines) + "\n"
-
-
-def latency_text(records: list[dict[str, Any]]) -> str:
-  """``"0.93x [0.88, 0.97]"`` (the median per-round ratio to the teacher and its quartiles,
-  averaged over seeds), ``" noisy"`` appended when the quartiles cover 1."""
-  if not records or "latency_vs_teacher" not in records[0]:
-    return "-"
-  mean = lambda k: float(np.mean([r[k] for r in records]))
-  lo, mid, hi = mean("latency_vs_teacher_lo"), mean("latency_vs_teacher"), mean(
-      "latency_vs_teacher_hi")
-  if lo == mid == hi == 1.0:
-    return "1 (reference)"
-  return f"{mid:.2f}x [{lo:.2f}, {hi:.2f}]" + (" noisy" if lo <= 1.0 <= hi else "")
 
 
 def _header(config: Any, plan: Plan, info: datasets.VisionData) -> list[tuple[str, Any]]:
@@ -774,8 +747,8 @@ def _legend(plan: Plan, info: datasets.VisionData) -> dict[str, str]:
                     f"image(s), in ms, over {plan.latency_repeats} rounds on this device, "
                     f"every row of a seed timed in the same interleaved rounds",
       "latency_text": "the stage's latency / the teacher's: the median of the per-round "
-                      "ratios and their quartiles; 'noisy' when the quartiles cover 1 (the "
-                      "difference is within the machine's noise)",
+                      "ratios and their 10th and 90th percentiles; 'noisy' when those cover "
+                      "1 (the difference is within the machine's noise)",
   }
 
 
@@ -834,7 +807,7 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   else:
     table = [dict(r) for r in records]
   for row in table:
-    row["latency_text"] = latency_text([r for r in records if r["name"] == row["name"]])
+    row["latency_text"] = engine.latency_text([r for r in records if r["name"] == row["name"]])
   title = (f"compressjax vision: {plan.teacher_name} -> {plan.student_name}, "
            f"{config.dataset}, seeds {plan.seeds}")
   engine.write_report(

@@ -130,6 +130,7 @@ class Plan(NamedTuple):
     alpha: the KD soft-target weight.
     eval: how every model is measured.
     compare: () or the two pipelines whose final rows results.md compares seed by seed.
+    size: the config's size (``cpu``, ``tiny``, ``full``), for the report.
   """
   channel: ChannelConfig
   teacher: iq_transformer.IQTransformerConfig
@@ -146,6 +147,7 @@ class Plan(NamedTuple):
   alpha: float
   eval: EvalPlan
   compare: tuple[str, ...]
+  size: str = "-"
 
 
 # ------------------------------------------------------------------------- validation
@@ -303,7 +305,7 @@ def validate(config: Any) -> Plan:
       alpha=alpha,
       eval=EvalPlan(tuple(float(p) for p in points), e.frames_per_point, e.batch_size,
                     e.latency_batch, e.latency_repeats, float(e.high_snr_db)),
-      compare=compare)
+      compare=compare, size=str(config.get("size", "-")))
 
 
 # ------------------------------------------------------------------------------- the run
@@ -386,6 +388,7 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
 
   records = [[measured(d, "teacher", r, plan.teacher, False)]
              for d, r in zip(teacher_dirs, done_teachers)]
+  timed = [(plan.teacher, teachers)]  # (architecture, params per seed) of every row
   # A stage is run once per distinct prefix of stages: "prune" is the first stage of
   # "prune,quantize,distill" too, and its row is shared (its randomness comes from the
   # prefix, not the pipeline's name).
@@ -400,6 +403,7 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
         params, masks, recs = done[stage.prefix]
         for rec, r in zip(records, recs):
           rec.append({**r, "name": label, "same_as": r["name"]})
+        timed.append((stage.model, params))
         continue
       rel = os.path.join(name, stage.dirname)
       stage_dirs = [os.path.join(r, rel) for r in roots]
@@ -436,6 +440,11 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
       for rec, d, r in zip(records, stage_dirs, results):
         rec.append(measured(d, label, r, stage.model, quantized))
       done[stage.prefix] = (params, masks, [rec[-1] for rec in records])
+      timed.append((stage.model, params))
+  sample = wm.latency_sample(plan.eval, eval_batches)
+  for j, recs in enumerate(records):
+    engine.time_rows(recs, [(wm.jitted_apply(m), {"params": ps[j]}) for m, ps in timed],
+                     sample, plan.eval.latency_repeats)
   for seed, recs in zip(seeds, records):
     for r in recs:
       r["seed"] = seed
@@ -449,6 +458,27 @@ def _start_on_constraints(params, kinds, plan, masks=None):
   tx = compose(optax.sgd(0.0), kinds, plan.prune, plan.spec, masks=masks)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   return optax.apply_updates(params, updates)
+
+
+def _header(plan: Plan) -> list[tuple[str, Any]]:
+  """The run's facts for the top of results.md."""
+  ch, e = plan.channel, plan.eval
+  steps = [f"teacher {plan.teacher_optimizer.steps}"]
+  for name, stages in plan.pipelines.items():
+    steps.append(f"{name}: " + ", ".join(f"{s.label} {s.steps}" for s in stages))
+  return [("study", "wireless"), ("size", plan.size),
+          ("tasks", ", ".join(plan.tasks)),
+          ("channel", f"{ch.modulation} symbols ({len(ch.modulations)} modulation classes), "
+                      f"{ch.profile} profile, {ch.seq_len} samples per frame, "
+                      f"{ch.num_pilots}-symbol preamble"),
+          ("training Es/N0", f"{ch.snr_db} dB"),
+          ("evaluated at", f"Es/N0 = {e.snr_points[0]:g} to {e.snr_points[-1]:g} dB, "
+                           f"{len(e.snr_points)} points, {e.frames_per_point} frames per task "
+                           f"per point"),
+          ("steps per stage", "; ".join(steps) + f" (batch {plan.train.batch_size} frames "
+                                                 f"per task)"),
+          ("seeds", ", ".join(map(str, plan.seeds))),
+          ("device", f"{len(jax.devices())} x {jax.devices()[0].device_kind}")]
 
 
 def run(config: Any, workdir: str) -> list[dict[str, Any]]:
@@ -471,14 +501,22 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   for r in records:
     r["compression"] = teacher_bytes[r["seed"]] / r["bytes"]
   wm.add_losses(records)
-  table = reporting.aggregate(records, wm.COLUMNS) if len(seeds) > 1 else records
+  table = (reporting.aggregate(records, wm.COLUMNS) if len(seeds) > 1 else
+           [dict(r) for r in records])
+  for row in table:
+    row["latency_text"] = engine.latency_text([r for r in records if r["name"] == row["name"]])
   if not parallel.is_main_process():
     return records
   reporting.write_json(os.path.join(workdir, "references.json"), refs)
   final_rows = {name: f"{name}/{stages[-1].label}" for name, stages in plan.pipelines.items()}
+  ch = plan.channel
   engine.write_report(workdir, records, table=table, columns=wm.COLUMNS,
-                      class_names=list(plan.channel.modulations),
+                      class_names=list(ch.modulations),
                       title=f"compressjax: seeds {seeds}",
                       footer=wm.footer(plan.eval, refs, records, table, plan.compare,
-                                       final_rows))
+                                       final_rows),
+                      header=_header(plan), legend=wm.legend(plan.eval),
+                      context=f"{ch.modulation}, {ch.profile} channel, {ch.seq_len} samples",
+                      finals=["teacher"] + list(final_rows.values()),
+                      pareto_label="modulation accuracy")
   return records

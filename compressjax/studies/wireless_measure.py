@@ -4,10 +4,11 @@ Every model of a study, and the classical receivers beside it, is measured on th
 frames: `evaluation_set` draws ``frames_per_point`` frames per task at each Es/N0 point of
 the `EvalPlan` from a fixed key. `measure` gives a stage's record (accuracy, F1, SER per
 point with its 95% interval, the Es/N0 at each of `SER_TARGETS`, NMSE, the real exported
-bytes, FLOPs, latency); `add_losses` turns the Es/N0 into a loss in dB against the seed's
-teacher; `references` runs LS, LMMSE, perfect CSI and the classifier that knows the
-channel; `COLUMNS` and `footer` make ``results.md``. The functions take the resolved
-pieces of `compressjax.studies.wireless.Plan`, never the config.
+bytes, FLOPs; latency is timed for all rows together); `add_losses` turns the Es/N0 into
+a loss in dB against the seed's teacher; `references` runs LS, LMMSE, perfect CSI and the
+classifier that knows the channel; `COLUMNS`, `legend` and `footer` make ``results.md``.
+The functions take the resolved pieces of `compressjax.studies.wireless.Plan`, never the
+config.
 """
 
 import functools
@@ -93,12 +94,11 @@ def measure(e: EvalPlan, channel: ChannelConfig, model_cfg: iq_transformer.IQTra
                          num_classes=len(channel.modulations), snr_edges=edges)
   nbytes = ((lambda p: quantization.nbytes(quantization.export(p, spec)))
             if spec is not None else float_nbytes)
-  first_task = sorted(eval_batches[0])[0]
-  sample = eval_batches[0][first_task].iq[:e.latency_batch]
-  cost = training.model_cost(apply, {"params": params}, sample, nbytes_fn=nbytes,
-                             repeats=e.latency_repeats)
-  rec = {"params_total": cost["params"], "params_nonzero": cost["nonzero"],
-         "bytes": cost["bytes"], "flops": cost["flops"], "latency_ms": cost["latency_ms"],
+  counts = training.param_counts(params)
+  # Latency is timed for every row of a seed together, interleaved (`engine.time_rows`).
+  rec = {"params_total": counts["params"], "params_nonzero": counts["nonzero"],
+         "bytes": training.packed_bytes(params, nbytes),
+         "flops": training.flops(apply, {"params": params}, latency_sample(e, eval_batches)),
          "sparsity": _kernel_sparsity(params), "bits": spec.bits if spec is not None else 32}
   if "modulation" in ev:
     m = ev["modulation"]
@@ -212,7 +212,56 @@ COLUMNS = (
     ("compression", "x smaller", "{:.2f}"),
     ("flops", "FLOPs", "{:.3g}"),
     ("latency_ms", "latency ms", "{:.3f}"),
+    ("latency_text", "latency / teacher", "{}"),
 )
+
+
+def legend(e: "EvalPlan") -> dict[str, str]:
+  """What each of `COLUMNS` measures: task, unit, the frames it averages over."""
+  frames = (f"{e.frames_per_point} frames per Es/N0 point, {len(e.snr_points)} points from "
+            f"{e.snr_points[0]:g} to {e.snr_points[-1]:g} dB")
+  return {
+      "name": "the stage: 'teacher', or '<pipeline>/<i>_<kind>' (a row 'same_as' another "
+              "is that stage, shared by two pipelines)",
+      "accuracy": f"modulation task: classification accuracy (a fraction) over {frames}",
+      "accuracy_high_snr": f"modulation task: accuracy over the points at Es/N0 >= "
+                           f"{e.high_snr_db:g} dB",
+      "f1": "modulation task: macro-averaged F1 over the modulation classes, same frames",
+      "ser_top": f"symbols task: symbol error rate at the top point ({e.snr_points[-1]:g} dB), "
+                 f"over the payload symbols of {e.frames_per_point} frames",
+      "snr_at_1e-01": "symbols task: the Es/N0 (dB) at which the SER curve reaches 1e-1 "
+                      "(log-interpolated between points; '-' if never reached)",
+      "loss_db_1e-01": "the stage's Es/N0 at SER 1e-1 minus the teacher's (dB; positive: "
+                       "the stage needs more signal)",
+      "snr_at_1e-02": "symbols task: the Es/N0 (dB) at which the SER reaches 1e-2",
+      "loss_db_1e-02": "the stage's Es/N0 at SER 1e-2 minus the teacher's (dB)",
+      "nmse_db": f"channel task: normalized mean squared error of the tap estimates (dB), "
+                 f"over {frames}",
+      "params_nonzero": "parameters that are not exactly zero",
+      "bytes": "bytes of the packed export: quantized kernels as integer codes plus their "
+               "scales, the rest float32; sparse tensors as a bitmask plus the non-zero "
+               "values",
+      "compression": "the teacher's bytes / the stage's bytes",
+      "flops": f"XLA's FLOP count of one forward pass on {e.latency_batch} frames",
+      "latency_ms": f"median wall time of one jitted forward pass on {e.latency_batch} "
+                    f"frames (ms), over {e.latency_repeats} rounds on this device, every "
+                    f"row of a seed timed in the same interleaved rounds",
+      "latency_text": "the stage's latency / the teacher's: the median per-round ratio and "
+                      "its 10th and 90th percentiles; 'noisy' when those cover 1 (every "
+                      "stage here runs the dense float model, masked or fake-quantized, so "
+                      "no stage is expected to differ)",
+  }
+
+
+def jitted_apply(model_cfg: Any) -> Any:
+  """The jitted apply of an architecture (shared with `measure`: one compile)."""
+  return _programs(model_cfg)[1]
+
+
+def latency_sample(e: "EvalPlan", eval_batches: list) -> Any:
+  """The batch latency is timed on: the first ``e.latency_batch`` frames of one task."""
+  first_task = sorted(eval_batches[0])[0]
+  return eval_batches[0][first_task].iq[:e.latency_batch]
 
 
 def _db(x):

@@ -169,10 +169,10 @@ def latency_ratio(times: np.ndarray, base: np.ndarray) -> dict[str, Any]:
     base: the base model's, same rounds.
 
   Returns:
-    ``{"ratio", "lo", "hi", "noisy"}``: the median of the per-round ratios, their 25th
-    and 75th percentiles, and whether that spread covers 1 (no difference shown).
+    ``{"ratio", "lo", "hi", "noisy"}``: the median of the per-round ratios, their 10th
+    and 90th percentiles, and whether that spread covers 1 (no difference shown).
   """
   ratios = np.asarray(times) / np.asarray(base)
-  lo, mid, hi = np.percentile(ratios, [25, 50, 75])
+  lo, mid, hi = np.percentile(ratios, [10, 50, 90])
   return {"ratio": float(mid), "lo": float(lo), "hi": float(hi),
           "noisy": bool(lo <= 1.0 <= hi)}

@@ -18,8 +18,10 @@ PRIOR = tuple(float(p) for p in CFG.tap_powers)
 # Every test draws N frames of CFG (at its own SNR and seed), so the simulator compiles once
 # and the front end twice (LS and LMMSE taps); the tests are compile-bound, not compute-bound.
 N = 1000
-# These tiny programs spend their time in XLA's LLVM passes; -O0 codegen halves the compile.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+# These tiny programs spend their time compiling; -O0 codegen by the classic emitters compiles
+# them 2-3x faster than the default.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                    "xla_cpu_use_fusion_emitters": False})
 _pilot_features = _jit(frontend.pilot_features, static_argnums=(1, 2, 3))
 _fir = _jit(jax.vmap(lambda y, h, n0: frontend.fir_mmse_equalize(y, h, n0, 6 * T, 2 * T)))
 
