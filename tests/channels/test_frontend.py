@@ -18,12 +18,8 @@ PRIOR = tuple(float(p) for p in CFG.tap_powers)
 # Every test draws N frames of CFG (at its own SNR and seed), so the simulator compiles once
 # and the front end twice (LS and LMMSE taps); the tests are compile-bound, not compute-bound.
 N = 1000
-# These tiny programs spend their time compiling; -O0 codegen by the classic emitters compiles
-# them 2-3x faster than the default.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                    "xla_cpu_use_fusion_emitters": False})
-_pilot_features = _jit(frontend.pilot_features, static_argnums=(1, 2, 3))
-_fir = _jit(jax.vmap(lambda y, h, n0: frontend.fir_mmse_equalize(y, h, n0, 6 * T, 2 * T)))
+_pilot_features = jax.jit(frontend.pilot_features, static_argnums=(1, 2, 3))
+_fir = jax.jit(jax.vmap(lambda y, h, n0: frontend.fir_mmse_equalize(y, h, n0, 6 * T, 2 * T)))
 
 
 def _complex(iq):
@@ -139,7 +135,7 @@ def test_fir_equalizer_matches_numpy():
   h = (rng.normal(size=T) + 1j * rng.normal(size=T)) / np.sqrt(2 * T)
   y = rng.normal(size=L) + 1j * rng.normal(size=L)
   shapes = ((24, 8), (5, 0), (7, 5))
-  got = _jit(lambda y, h: [frontend.fir_mmse_equalize(y, h, 0.05, w, a) for w, a in shapes])(
+  got = jax.jit(lambda y, h: [frontend.fir_mmse_equalize(y, h, 0.05, w, a) for w, a in shapes])(
       jnp.asarray(y, jnp.complex64), jnp.asarray(h, jnp.complex64))
   for (window, lookback), (got_x, got_s) in zip(shapes, got):
     want_x, want_s = _numpy_fir(y, h, 0.05, window, lookback)
@@ -155,8 +151,9 @@ def test_fir_equalizer_is_close_to_the_full_block_mmse():
   # is within 1.5x of the L x L MMSE equalizer's (and far below a one-tap de-rotation's).
   n, b = N, _frames(3, 20.0)
   y = jnp.asarray(_complex(b.iq), jnp.complex64)
-  full = _jit(jax.vmap(lambda y, h, n0: channels.equalize_and_detect(y, h, n0, "qam16").symbols))(
-      y, b.taps, b.noise_var)
+  full = jax.jit(jax.vmap(
+      lambda y, h, n0: channels.equalize_and_detect(y, h, n0, "qam16").symbols))(
+          y, b.taps, b.noise_var)
   x_fir, _ = _fir_true_channel(3, 20.0)
   one_tap = channels.detect(y / b.taps[:, :1], "qam16")
   data = ~np.asarray(b.pilot_mask)
@@ -185,7 +182,7 @@ def test_cholesky_solve_matches_numpy():
     m = rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))
     systems.append((m @ m.conj().T + 0.1 * np.eye(n),
                     rng.normal(size=(n, k)) + 1j * rng.normal(size=(n, k))))
-  got = _jit(lambda systems: [frontend.cholesky_solve(a, b) for a, b in systems])(
+  got = jax.jit(lambda systems: [frontend.cholesky_solve(a, b) for a, b in systems])(
       jax.tree.map(lambda x: jnp.asarray(x, jnp.complex64), systems))
   for (a, b), x in zip(systems, got):
     np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a, b), rtol=2e-3, atol=2e-3)

@@ -22,19 +22,14 @@ def _iq(key=0, b=B, seq_len=8):
   return jax.random.normal(jax.random.key(key), (b, seq_len, 2))
 
 
-# The test's own jits compile at -O0 with the classic emitters: these tiny programs are
-# compile-bound, and that compiles them 2-3x faster.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                    "xla_cpu_use_fusion_emitters": False})
-
-
-# init_params itself, compiled by the test's jit (its own jit is inlined into it).
-_init_params = _jit(iqt.init_params, static_argnums=0)
+# init_params compiles on every call (its jit wraps a fresh lambda); jitted here (the inner
+# jit inlined), it compiles once per config.
+_init_params = jax.jit(iqt.init_params, static_argnums=0)
 
 
 @functools.lru_cache
 def _apply_fn(cfg):
-  return _jit(iqt.IQTransformer(cfg).apply, static_argnames="mutable")
+  return jax.jit(iqt.IQTransformer(cfg).apply, static_argnames="mutable")
 
 
 def _apply(cfg, params, iq, mutable=False):
@@ -80,10 +75,10 @@ def test_attention_matches_flax_multihead_attention():
   x = _iq(1, 2, 5)[..., :1] * jnp.ones((1, 1, 16))
   x = x + jax.random.normal(jax.random.key(2), x.shape)
   ours = iqt.Attention(num_heads=2, head_dim=4)
-  p = _jit(ours.init)(jax.random.key(3), x)["params"]
+  p = jax.jit(ours.init)(jax.random.key(3), x)["params"]
   ref = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, out_features=16)
-  np.testing.assert_allclose(_jit(ours.apply)({"params": p}, x),
-                             _jit(ref.apply)({"params": p}, x, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(ours.apply)({"params": p}, x),
+                             jax.jit(ref.apply)({"params": p}, x, x), rtol=1e-5, atol=1e-5)
 
 
 def test_sown_attention_rows_sum_to_one_and_features_have_token_shape(params):

@@ -40,15 +40,9 @@ def _grads(params, t):
   return jax.tree.map(lambda p, y: p - y, params, targets)
 
 
-# The programs here are tiny and compile-bound: -O0 codegen by the classic emitters compiles
-# them ~3x faster than the default (the random score's threefry ~5x).
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                    "xla_cpu_use_fusion_emitters": False})
-
-
 def _run(tx, params, steps, zero_grads=False):
   """``steps`` jitted updates; returns (params after each update, final state)."""
-  @_jit
+  @jax.jit
   def run(params):
     def body(carry, t):
       p, s = carry
@@ -85,9 +79,9 @@ def _assert_same_pruned_set(masks, reference, hist):
   assert sum(int(np.sum(~np.asarray(m))) for m in jax.tree.leaves(reference)) > 0
 
 
-_fq_step = _jit(lambda k, spec: (q.fake_quant(k, spec), q.grid_of(k, spec).scale),
-                static_argnums=1)
-_ptq = _jit(q.quantize_tree, static_argnums=1)   # every case's params have the same shapes
+_fq_step = jax.jit(lambda k, spec: (q.fake_quant(k, spec), q.grid_of(k, spec).scale),
+                   static_argnums=1)
+_ptq = jax.jit(q.quantize_tree, static_argnums=1)   # every case's params have the same shapes
 
 
 def _assert_on_grid(hist, spec):
@@ -135,7 +129,7 @@ def _movement_repro(initial_masks):
       p, s = carry
       u, s = tx.update(jax.grad(loss)(p, x), s, p)
       return (optax.apply_updates(p, u), s), None
-    return _jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), xs)[0])(p)
+    return jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), xs)[0])(p)
   mv = functools.partial(pruning.wrap, sparsity=0.5, score="movement",
                          schedule=pruning.one_shot(0))
   p1, s1 = run(mv(optax.sgd(0.01)), params)
