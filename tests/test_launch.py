@@ -18,8 +18,11 @@ _TINY = ["--config=" + os.path.join(ROOT, "experiments", "baseline.py") + ":tiny
 _LIBRARY_LINES = re.compile(r"CheckpointManagerOptions|checkpoint_manager\.py|orbax")
 
 
-# One CPU device, as a user's laptop has (the test session forces 8).
-_ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+# One CPU device, as a user's laptop has (the test session forces 8); the session's fast
+# compile flags are kept (tests/conftest.py).
+_ENV = {**os.environ, "XLA_FLAGS": " ".join(
+    f for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count"))}
 
 
 def _launch(*args, cwd=ROOT):

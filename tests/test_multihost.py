@@ -27,7 +27,10 @@ _CLUSTER_VARS = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX
 
 def _env(devices, **extra):
   env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_VARS)}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # The session's fast compile flags (tests/conftest.py), with this run's device count.
+  fast = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(fast + [f"--xla_force_host_platform_device_count={devices}"])
   env["JAX_PLATFORMS"] = "cpu"
   return {**env, **extra}
 
