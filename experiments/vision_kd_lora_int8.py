@@ -39,7 +39,9 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.study = "vision"  # launch.py dispatches to compressjax.studies.vision.run
   c.size = size       # informational: results.md names it
-  c.seeds = (0,)      # one run per seed; results.md shows mean ± std over several
+  # Seeds: results.md shows each stage's mean ± std over them. The default runs three, as
+  # one vmapped program (train.vmap_seeds); tiny (tests) and full run one.
+  c.seeds = (0,) if tiny or full else (0, 1, 2)
   # The student's stages after the teacher, in order, each from the previous one's model:
   # student | distill | lora | prune | quantize (QAT at quantize.bits; quantize.steps=0 is
   # post-training) | ptq:weights | ptq:dynamic | ptq:static (post-training INT8 weights,
@@ -72,7 +74,7 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
       checkpoint_every=0 if tiny else 100,  # steps between resumable checkpoints (0: none)
       keep_checkpoints=2,
       max_nonfinite=20,   # consecutive skipped non-finite steps that stop a run
-      vmap_seeds=False,   # train all seeds as one vmapped program
+      vmap_seeds=not (tiny or full),   # train all seeds as one vmapped program
   ))
   # Steps per epoch: 45,000 / 128 = 351 on CIFAR; 1,257 / 64 = 19 on digits.
   # Teacher: ResNet-18, CIFAR variant; width 64 is the published model (11.2M parameters).

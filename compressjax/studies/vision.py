@@ -73,8 +73,8 @@ CIFAR_TRAIN = 50000
 COLUMNS = (
     ("name", "stage", "{}"), ("model", "model", "{}"), ("accuracy", "acc", "{:.4f}"),
     ("f1", "macro F1", "{:.4f}"), ("acc_vs_teacher", "acc / teacher", "{:.1%}"),
-    ("params_total", "params", "{:,}"), ("params_nonzero", "non-zero", "{:,}"),
-    ("bytes", "bytes", "{:,}"), ("compression", "x smaller", "{:.2f}"),
+    ("params_total", "params", "{:,.0f}"), ("params_nonzero", "non-zero", "{:,.0f}"),
+    ("bytes", "bytes", "{:,.0f}"), ("compression", "x smaller", "{:.2f}"),
     ("flops", "FLOPs", "{:.3g}"), ("latency_ms", "latency ms", "{:.3f}"),
     ("latency_text", "latency / teacher", "{}"))
 
@@ -701,8 +701,8 @@ def _targets(table: list[dict[str, Any]], targets) -> str:
   verdict = lambda ok: "met" if ok else "NOT met"
   lines = [f"\n## Targets (final stage `{final['name']}` against the teacher)\n",
            f"accuracy {final['accuracy']:.4f} = {ratio:.1%} of the teacher's "
-           f"{teacher['accuracy']:.4f}; size {final['bytes']:,} bytes = {smaller:.1%} smaller "
-           f"than the teacher's {teacher['bytes']:,}.\n"]
+           f"{teacher['accuracy']:.4f}; size {final['bytes']:,.0f} bytes = {smaller:.1%} "
+           f"smaller than the teacher's {teacher['bytes']:,.0f}.\n"]
   for label, acc_bar, size_bar in targets:
     lines.append(f"- {label}: accuracy >= {acc_bar:.0%} of the teacher "
                  f"{verdict(ratio >= acc_bar)}, >= {size_bar:.0%} fewer bytes "
