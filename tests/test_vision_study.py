@@ -173,7 +173,11 @@ def test_rerun_restores_finished_stages(study, monkeypatch):
   monkeypatch.setattr(engine, "train_group", no_training)
   again = vision.run(config, workdir)
   assert [os.stat(f).st_mtime_ns for f in files] == mtimes
-  assert json.loads(json.dumps(again)) == json.loads(json.dumps(records))
+  # Every measured value comes back from the cache; latency is timed again (all rows of a
+  # seed together, interleaved), so it is left out.
+  timeless = lambda rs: [{k: v for k, v in r.items() if not k.startswith("latency")}
+                         for r in json.loads(json.dumps(rs))]
+  assert timeless(again) == timeless(records)
 
 
 def test_wireless_stage_kinds_run_on_the_vision_models(tmp_path):
