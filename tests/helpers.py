@@ -4,6 +4,10 @@ Kept deliberately small and independent of `compressjax.training`, so transform 
 do not depend on the training package they are meant to feed.
 """
 
+import random
+import signal
+import subprocess
+import time
 from typing import Callable
 
 import jax
@@ -101,3 +105,21 @@ def nan_gradient_step(make_tx, params):
     updates, _ = tx.update(grads, tx.init(params), params)
     out.append(optax.apply_updates(params, updates))
   return tuple(out)
+
+
+def kill_after_first_checkpoint(args: list, cwd: str, ckpt_dir, max_delay: float) -> int:
+  """Starts ``args``, SIGKILLs it a random 0..``max_delay`` s after its first periodic
+  checkpoint lands in ``ckpt_dir``; returns its exit code (``-SIGKILL`` when killed)."""
+  proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    while not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+      assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+      time.sleep(0.05)
+    time.sleep(random.Random(0).uniform(0.0, max_delay))  # somewhere in the next steps
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  return proc.returncode

@@ -6,11 +6,9 @@ The test process has 8 CPU devices (tests/conftest.py), and so do the launcher s
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -91,20 +89,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_params(tmp_path)
 
   killed = tmp_path / "killed"
   ckpt_dir = killed / "seed_0" / "teacher" / "ckpt"
-  proc = subprocess.Popen(_launch_args(killed), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 240
-    while not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
-      assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
-      time.sleep(0.05)
-    time.sleep(random.Random(0).uniform(0.0, 0.5))  # somewhere in the next steps
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL
+  returncode = helpers.kill_after_first_checkpoint(_launch_args(killed), ROOT, ckpt_dir,
+                                                   max_delay=0.5)
+  assert returncode == -signal.SIGKILL
   assert not (killed / "seed_0" / "teacher" / "variables").exists(), "the kill came too late"
 
   resumed = subprocess.run(_launch_args(killed), cwd=ROOT, capture_output=True, text=True,

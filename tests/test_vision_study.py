@@ -2,11 +2,9 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -18,6 +16,7 @@ from compressjax.studies import engine
 from compressjax.studies import vision
 from compressjax.training import checkpoint
 from experiments import vision_kd_lora_int8
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("accuracy", "f1", "precision", "recall", "confusion", "params_total",
@@ -298,20 +297,9 @@ def test_a_vision_run_killed_with_sigkill_resumes_to_the_uninterrupted_variables
   assert out.returncode == 0, out.stderr[-2000:]
   killed = tmp_path / "killed"
   ckpt_dir = killed / "seed_0" / "teacher" / "ckpt"
-  proc = subprocess.Popen(_launch_args(killed), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 240
-    while not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
-      assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
-      time.sleep(0.05)
-    time.sleep(random.Random(0).uniform(0.0, 0.3))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL
+  returncode = helpers.kill_after_first_checkpoint(_launch_args(killed), ROOT, ckpt_dir,
+                                                   max_delay=0.3)
+  assert returncode == -signal.SIGKILL
   assert not (killed / "seed_0" / "teacher" / "variables").exists(), "the kill came too late"
   resumed = subprocess.run(_launch_args(killed), cwd=ROOT, capture_output=True, text=True,
                            timeout=300)

@@ -30,6 +30,7 @@ deployed model stores), XLA FLOPs and latency. The pass marks (``targets``) come
 config. Each stage lives in ``workdir/seed_<s>/<i>_<stage>/``.
 """
 
+import functools
 import json
 import math
 import os
@@ -442,19 +443,21 @@ def kd_loss(temperature: float, alpha: float):
 def predict(apply, variables, data: datasets.DeviceData, batch_size: int, mean, std):
   """``(labels, predicted classes)`` of every example of ``data``, in order (host arrays)."""
   fn = apply if hasattr(apply, "lower") else jax.jit(apply)  # a jitted apply is reused
-  norm = jax.jit(lambda d, i: _eval_images(d, i, batch_size, mean, std))
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   out = []
   for i in range(datasets.num_eval_batches(int(data.labels.shape[0]), batch_size)):
-    x, labels, mask = norm(data, i)
+    x, labels, mask = _eval_images(data, i, batch_size, mean, std)
     out.append((jnp.argmax(fn(variables, x), -1), labels, mask))
   preds, labels, mask = (np.concatenate(a) for a in zip(*jax.device_get(out)))
   return labels[mask], preds[mask]
 
 
+@functools.partial(jax.jit, static_argnums=(2,))
 def _eval_images(data, index, batch_size, mean, std):
+  """Evaluation batch ``index``, normalized: compiled once per batch size and set shape
+  (every validation of every stage reuses it)."""
   images, labels, mask = datasets.eval_batch(data, index, batch_size)
-  return datasets.normalize(images, jnp.asarray(mean, jnp.float32),
-                            jnp.asarray(std, jnp.float32)), labels, mask
+  return datasets.normalize(images, mean, std), labels, mask
 
 
 def classify(apply, variables, data: datasets.DeviceData, batch_size: int, mean, std,
@@ -465,14 +468,15 @@ def classify(apply, variables, data: datasets.DeviceData, batch_size: int, mean,
 
 
 def deployed(variables: dict[str, Any], ranges: dict | None = None,
-             epsilon: float = folding.DEFAULT_EPSILON) -> dict[str, Any]:
+             epsilon: float | None = folding.DEFAULT_EPSILON) -> dict[str, Any]:
   """What a deployed model stores: batch norm folded into the convolutions (only their
-  per-channel biases stay, `folding.strip_batchnorm`), plus the static activation ranges
-  as float32 pairs. ``epsilon``: the model's batch-norm epsilon."""
-  tree = folding.strip_batchnorm(folding.fold_batchnorm(variables, epsilon), epsilon)
+  per-channel biases stay, `folding.strip_batchnorm`; ``epsilon`` is the model's, None
+  keeps batch norm unfolded), plus the static activation ranges as float32 pairs."""
+  tree = dict(variables) if epsilon is None else folding.strip_batchnorm(
+      folding.fold_batchnorm(variables, epsilon), epsilon)
   if ranges:
-    tree = {**tree, "activation_ranges": {k: np.asarray(v, np.float32)
-                                          for k, v in sorted(ranges.items())}}
+    tree["activation_ranges"] = {k: np.asarray(v, np.float32)
+                                 for k, v in sorted(ranges.items())}
   return tree
 
 
@@ -485,14 +489,11 @@ def export_bytes(variables: Any, spec: quantization.Spec | None, where=None,
   scales absorb the fold), so the export re-grids the folded kernels on purpose; one
   scale per tensor does not commute with the fold, so such exports keep batch norm.
   """
-  if spec is not None and spec.granularity != "channel":
-    tree = dict(variables) if not ranges else {**variables, "activation_ranges": {
-        k: np.asarray(v, np.float32) for k, v in sorted(ranges.items())}}
-    return quantization.nbytes(quantization.export(tree, spec, where))
-  tree = deployed(variables, ranges, epsilon)
+  per_tensor = spec is not None and spec.granularity != "channel"
+  tree = deployed(variables, ranges, None if per_tensor else epsilon)
   if spec is None:
     return quantization.nbytes(quantization.export(tree, None))
-  return quantization.nbytes(quantization.export(tree, spec, where, regrid=True))
+  return quantization.nbytes(quantization.export(tree, spec, where, regrid=not per_tensor))
 
 
 def _init(model, key, shape):
@@ -567,8 +568,21 @@ def _lora(g: _Group, stage: StagePlan, starts: list[Any], teachers: list[Any],
   out = _train(g, stage, p.student, inits, txs, teachers, forward=forward,
                to_variables=lambda s: {**s.model_state, "params": merge(s.params)},
                include_start=True, stage_id=stage_id)
-  n = lora.num_parameters(adapters[0])
-  return [r._replace(best={**r.best, "lora_params": n}) for r in out]
+  return out
+
+
+def _trainable_params(p: Plan, stage: StagePlan) -> int:
+  """Numbers a stage trains: none for PTQ, the adapters for LoRA (``r * (in + out)`` per
+  adapted kernel, from the shapes alone), else every parameter of the student."""
+  if stage.kind == "ptq":
+    return 0
+  params = p.student_shapes["params"]
+  if stage.kind == "lora":
+    paths = set(p.lora_paths)
+    return lora.num_parameters(jax.eval_shape(lambda x: lora.init(
+        jax.random.key(0), x, rank=p.lora_rank, alpha=p.lora_alpha,
+        where=lambda q: q in paths), params))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
 
 def _ranges(stage_dir: str, g: _Group, key, wq) -> dict[str, tuple[float, float]]:
@@ -636,17 +650,14 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
     stage_id = i + 1
     starts = s0() if stage.from_init or current is None else current
     fresh = stage.kind if stage.kind in ("prune", "quantize") else None
-    extra = dict(model=p.student_name, bits=32, trainable_params=None)
-    if stage.constraints and "quantize" in stage.constraints:
-      extra["bits"] = p.weight_spec.bits
-    spec = p.weight_spec if "quantize" in stage.constraints else None
+    spec = p.weight_spec if stage.kind == "ptq" or "quantize" in stage.constraints else None
+    extra = dict(model=p.student_name, bits=spec.bits if spec else 32,
+                 trainable_params=_trainable_params(p, stage))
     mask_targets = None
     if stage.kind == "ptq":
       run = lambda starts=starts, masks=masks: [engine.Trained(
           {**v, "params": quantization.ptq(v["params"], p.weight_spec, where=p.quant_where)},
           [], m, None) for v, m in zip(starts, masks)]
-      spec = p.weight_spec
-      extra.update(bits=p.weight_spec.bits, trainable_params=0)
     elif stage.kind == "quantize" and stage.steps == 0:
       run = lambda starts=starts, masks=masks: [engine.Trained(
           {**v, "params": jax.device_get(quantization.quantize_tree(
@@ -673,9 +684,6 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
     applies = []
     for recs, d, r in zip(records, dirs(stage.name), results):
       apply, ranges, row = p.student_apply, None, dict(extra)
-      if row["trainable_params"] is None:
-        row["trainable_params"] = (r.best or {}).get("lora_params") or training.param_counts(
-            r.variables["params"])["params"]
       if stage.kind == "ptq" and stage.option != "weights":
         if stage.option == "static":
           ranges = _ranges(d, g, jax.random.fold_in(g.keys[0], 107), r.variables)
