@@ -1,7 +1,8 @@
 """Quantization: fake quantization with straight-through gradients, a QAT optax wrapper,
 activation quantization, post-training quantization, a packed export with exact sizes and its
 files (`save`, `load_file`), all on the grid that ``Spec.grid`` names (`GRIDS`,
-`register_grid`)."""
+`register_grid`). `wrap`, `quantize_tree` and `export` also take a per-path spec
+(`PerPath`: ``path -> Spec | int | None``) for per-layer precision."""
 
 from compressjax.quantization.activations import LAYER_TYPES
 from compressjax.quantization.activations import layer_path
@@ -41,22 +42,27 @@ from compressjax.quantization.lsq import lsq
 from compressjax.quantization.lsq import lsq_init
 from compressjax.quantization.quantizers import GRANULARITIES
 from compressjax.quantization.quantizers import Grid
+from compressjax.quantization.quantizers import PerPath
 from compressjax.quantization.quantizers import Spec
 from compressjax.quantization.quantizers import as_spec
+from compressjax.quantization.quantizers import check_spec
 from compressjax.quantization.quantizers import fake_quant
 from compressjax.quantization.quantizers import from_codes
 from compressjax.quantization.quantizers import grid_from_range
 from compressjax.quantization.quantizers import grid_from_scale
 from compressjax.quantization.quantizers import grid_of
 from compressjax.quantization.quantizers import grid_range
+from compressjax.quantization.quantizers import is_per_path
 from compressjax.quantization.quantizers import minmax_range
 from compressjax.quantization.quantizers import quantize
 from compressjax.quantization.quantizers import reduce_axes
+from compressjax.quantization.quantizers import spec_at
 from compressjax.quantization.quantizers import spec_fields
 from compressjax.quantization.quantizers import to_codes
 from compressjax.quantization.wrapper import QuantizationState
 from compressjax.quantization.wrapper import exact_delta
 from compressjax.quantization.wrapper import grid_of_survivors
+from compressjax.quantization.wrapper import leaf_specs
 from compressjax.quantization.wrapper import quantize_tree
 from compressjax.quantization.wrapper import select_leaves
 from compressjax.quantization.wrapper import wrap

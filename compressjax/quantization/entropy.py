@@ -12,7 +12,8 @@ Masks are coded bit by bit or as bytes, whichever is smaller (bytes catch the pa
 structured sparsity). Scales, zero points and float leaves are stored raw.
 
 Layout: ``b"CJE1"``, a varint length and the zlib-compressed JSON of the tree structure,
-names and per-leaf metadata, then one length-prefixed block per stored array, then the
+names and per-leaf metadata (and the spec: ``"spec"``, or for a per-path export ``"specs"``,
+each quantized leaf's spec by path), then one length-prefixed block per stored array, then the
 CRC-32 of everything before it. `encoded_nbytes` is ``len(encode(packed))``: names and
 structure included, which `export.nbytes` does not count.
 """
@@ -285,15 +286,24 @@ def encode(packed: export_lib.Packed) -> bytes:
   if unknown:  # a field this format does not store would be lost silently
     raise ValueError(f"packed fields must be ('tree', 'spec') to encode, got extra {unknown}")
   spec = packed.spec
-  if spec is not None and not isinstance(spec, quantizers.Spec):
-    raise ValueError(f"packed.spec must be a quantization.Spec or None, got {spec!r}")
+  per_path = isinstance(spec, Mapping)
+  if per_path and not all(isinstance(k, str) and isinstance(v, quantizers.Spec)
+                          for k, v in spec.items()):
+    raise ValueError(f"packed.spec as a dict must map str paths to quantization.Specs, got "
+                     f"{spec!r}")
+  if not per_path and spec is not None and not isinstance(spec, quantizers.Spec):
+    raise ValueError(f"packed.spec must be a quantization.Spec, a dict path -> Spec or None, "
+                     f"got {spec!r}")
   leaves, blocks = [], []
   structure = _structure(packed.tree, "", leaves)
   records = [_encode_leaf(x, path, blocks) for path, x in leaves]
+  meta = {"tree": structure, "leaves": records}
+  if per_path:  # a per-path export: each quantized leaf's spec under "specs"
+    meta.update(spec=None, specs={k: quantizers.spec_fields(v) for k, v in spec.items()})
+  else:
+    meta.update(spec=None if spec is None else quantizers.spec_fields(spec))
   try:
-    header = json.dumps({"tree": structure, "leaves": records,
-                         "spec": None if spec is None else quantizers.spec_fields(spec)},
-                        separators=(",", ":")).encode()
+    header = json.dumps(meta, separators=(",", ":")).encode()
   except TypeError as e:
     raise ValueError(f"leaf metadata (shape, bits, axis, dtype) must be Python scalars: "
                      f"{e}") from None
@@ -331,6 +341,8 @@ def decode(data: bytes) -> export_lib.Packed:
     if r.pos != len(body):
       raise ValueError(f"{len(body) - r.pos} bytes left over after the last leaf")
     spec = None if meta["spec"] is None else quantizers.Spec(**meta["spec"])
+    if "specs" in meta:
+      spec = {k: quantizers.Spec(**v) for k, v in meta["specs"].items()}
     return export_lib.Packed(_unstructure(meta["tree"], leaves), spec)
   except (ValueError, KeyError, IndexError, TypeError, zlib.error, RuntimeError) as e:
     raise ValueError(f"data is corrupt: {e}") from None

@@ -69,10 +69,12 @@ class Packed(NamedTuple):
   Attributes:
     tree: `PackedTensor` for quantized leaves, `SparseTensor` for float leaves with enough
       zeros, numpy arrays otherwise.
-    spec: the `Spec` of the quantized leaves, or None for a float export.
+    spec: the `Spec` of the quantized leaves; for an export with a per-path spec, a dict
+      from each quantized leaf's '/'-joined path to its own `Spec`; None for a float export.
+      (`load` needs none of it: each `PackedTensor` carries its bits, symmetry and axis.)
   """
   tree: Any
-  spec: quantizers.Spec | None = None
+  spec: "quantizers.Spec | dict[str, quantizers.Spec] | None" = None
 
 
 def _is_packed(x) -> bool:
@@ -291,7 +293,7 @@ def _store_float(x) -> "np.ndarray | SparseTensor":
   return SparseTensor(a[nonzero], np.packbits(nonzero.ravel()), a.shape)
 
 
-def export(params: Any, spec: quantizers.Spec | int | None = 8,
+def export(params: Any, spec: "quantizers.Spec | int | quantizers.PerPath | None" = 8,
            where: Where | None = None, regrid: bool = False) -> Packed:
   """Packs the leaves ``where`` selects as ``spec``-bit codes on their grid (``spec.grid``).
 
@@ -308,33 +310,44 @@ def export(params: Any, spec: quantizers.Spec | int | None = 8,
   are never silently re-quantized: export raises, naming the leaf and the spec it is on,
   unless ``regrid=True`` asks for it.
 
+  Per-layer precision: a per-path spec (``path -> Spec | int | None``, as `wrap` takes) packs
+  each selected leaf with its own spec (mixed bits and granularities in one tree) and stores
+  a leaf given None as a float leaf. Each leaf is packed alone, so `nbytes` of the export is
+  the sum of the `nbytes` of each leaf exported by itself.
+
   Args:
     params: a parameter pytree (finite values).
-    spec: a `Spec`; a bit width for a symmetric per-tensor min/max one; None to store
-      floats.
+    spec: a `Spec`; a bit width for a symmetric per-tensor min/max one; a per-path spec
+      (`quantizers.PerPath`); None to store floats.
     where: predicate on the parameter path (default: Dense/Conv kernels).
     regrid: allow moving selected leaves that are already on another spec's grid onto
       ``spec``'s grid (lossy); default False raises instead.
 
   Returns:
-    A `Packed` tree carrying ``spec``; `load` gives back ``fake_quant`` of the selected leaves,
+    A `Packed` tree carrying ``spec`` (for a per-path spec, the dict of each quantized leaf's
+    spec by path); `load` gives back ``fake_quant`` of each quantized leaf under its spec,
     exactly, and the other leaves unchanged.
 
   Raises:
-    ValueError: if a leaf is not finite (naming its path), ``where`` selects nothing, the
-      spec (its grid method included) does not fit a selected leaf, or (``regrid=False``) a
-      selected leaf is already on the grid of another spec.
+    ValueError: if a leaf is not finite (naming its path), ``where`` selects nothing (or a
+      per-path spec gives every selected leaf None), a spec (its grid method included) does
+      not fit a quantized leaf, or (``regrid=False``) a quantized leaf is already on the grid
+      of another spec.
   """
   _check_finite(params)
   if spec is None:
     return Packed(jax.tree.map(_store_float, params))
-  spec = quantizers.as_spec(spec)
+  spec = quantizers.check_spec(spec)
   if not isinstance(regrid, bool):
     raise ValueError(f"regrid must be True or False, got {regrid!r}")
-  flags = wrapper.select_leaves(params, spec, where, "export")
-  return Packed(jax.tree_util.tree_map_with_path(
-      lambda path, x, on: _pack_leaf(x, spec, selection.path_str(path), regrid) if on
-      else _store_float(x), params, flags), spec)
+  specs = wrapper.leaf_specs(params, spec, where, "export")
+  tree = jax.tree_util.tree_map_with_path(
+      lambda path, x, s: _store_float(x) if s is None
+      else _pack_leaf(x, s, selection.path_str(path), regrid), params, specs)
+  if quantizers.is_per_path(spec):
+    spec = {selection.path_str(path): s
+            for path, s in jax.tree_util.tree_leaves_with_path(specs) if s is not None}
+  return Packed(tree, spec)
 
 
 def _unpack_leaf(t: "PackedTensor | SparseTensor") -> np.ndarray:
@@ -362,7 +375,8 @@ def _unpack_leaf(t: "PackedTensor | SparseTensor") -> np.ndarray:
 
 
 def load(packed: Packed) -> Any:
-  """Restores params from `export`: the fake-quantized selected leaves, bit for bit."""
+  """Restores params from `export`: the fake-quantized selected leaves, bit for bit (each
+  leaf from its own bits, symmetry, axis and scales, so mixed-precision trees load exactly)."""
   return jax.tree.map(lambda t: _unpack_leaf(t) if _is_packed(t) else t, packed.tree,
                       is_leaf=_is_packed)
 

@@ -28,6 +28,7 @@ is not a registered grid (the `lsq` module says why); it enters as an explicit `
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import chex
@@ -101,6 +102,54 @@ def as_spec(spec: "Spec | int") -> Spec:
   if isinstance(spec, int) and not isinstance(spec, bool):
     return Spec(bits=spec)
   raise ValueError(f"spec must be a Spec or an int bit width, got {spec!r}")
+
+
+PerPath = Callable[[str], "Spec | int | None"]
+"""A per-path spec: the '/'-joined parameter path -> a `Spec`, a bit width, or None (that leaf
+stays float). ``dict.get`` of a ``{path: spec}`` dict is one."""
+
+
+def is_per_path(spec) -> bool:
+  """True for a per-path spec (a callable), False for a `Spec`, a bit width or None."""
+  return callable(spec) and not isinstance(spec, Spec)
+
+
+def check_spec(spec: "Spec | int | PerPath", name: str = "spec") -> "Spec | PerPath":
+  """Validates a spec argument at the boundary: a `Spec`, a bit width or a per-path spec.
+
+  Returns:
+    The `Spec` (a bit width becomes a symmetric per-tensor one), or the per-path callable
+    unchanged (its results are checked leaf by leaf, by `spec_at`).
+  """
+  if is_per_path(spec):
+    return spec
+  if isinstance(spec, Spec) or (isinstance(spec, int) and not isinstance(spec, bool)):
+    return as_spec(spec)
+  raise ValueError(f"{name} must be a Spec, an int bit width or a function path -> Spec | int "
+                   f"| None, got {spec!r}")
+
+
+def spec_at(spec: "Spec | int | PerPath", path: str) -> "Spec | None":
+  """The spec of the leaf at ``path``: ``spec`` itself, or ``spec(path)`` for a per-path spec.
+
+  Args:
+    spec: a `Spec`, a bit width, or a per-path spec (`PerPath`).
+    path: the leaf's '/'-joined path.
+
+  Returns:
+    A `Spec`, or None when a per-path spec leaves the leaf float.
+
+  Raises:
+    ValueError: naming the path, if a per-path spec returns something else.
+  """
+  if not is_per_path(spec):
+    return as_spec(spec)
+  value = spec(path)
+  if value is None:
+    return None
+  if isinstance(value, Spec) or (isinstance(value, int) and not isinstance(value, bool)):
+    return as_spec(value)
+  raise ValueError(f"spec({path!r}) must be a Spec, an int bit width or None, got {value!r}")
 
 
 def reduce_axes(ndim: int, spec: Spec) -> tuple[int, ...]:
