@@ -9,6 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "allocation",
     "channels",
     "console",
     "datasets",
