@@ -23,7 +23,10 @@ class PrunePlan(NamedTuple):
   Attributes:
     sparsity: the target sparsity (None: the structure's own, e.g. 2:4).
     score: a registered pruning score.
-    structure: a registered pruning structure.
+    structure: a registered pruning structure, or ``"head+neuron"``: whole attention heads
+      (of ``attn`` q/k/v/out kernels) and whole MLP hidden units (``mlp/fc1`` kernel
+      columns, with their biases) of a transformer, each at ``sparsity``: two pruning
+      wrappers, so that ``pruning.materialize`` can remove both.
     scope: ``"layer"`` or ``"global"``.
     schedule: ``"polynomial"`` (Zhu & Gupta, over the stage's first half) or
       ``"one_shot"`` (at its first step).
@@ -53,10 +56,35 @@ def prune_plan(p: Any) -> PrunePlan:
   return plan
 
 
+# The composite structures: (structure, the paths it prunes) per pruning wrapper.
+COMPOSITE = {"head+neuron": (("head", lambda path: "/attn/" in f"/{path}"),
+                             ("neuron", lambda path: path.endswith("mlp/fc1/kernel")))}
+
+
+def _only(masks: Any, pick) -> Any:
+  """``masks`` at the paths of one wrapper of a composite (its kernels and their biases)."""
+  if masks is None:
+    return None
+  unit = lambda path: pick(path) or pick(path.rsplit("/", 1)[0] + "/kernel")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, m: m if unit(selection.path_str(path)) else None, masks,
+      is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode))
+
+
 def _prune_tx(inner, p: PrunePlan, schedule, masks=None, where=None):
-  return pruning.wrap(inner, sparsity=p.sparsity, score=p.score, structure=p.structure,
-                      scope=p.scope, schedule=schedule, initial_masks=masks,
-                      **({} if where is None else {"where": where}))
+  parts = COMPOSITE.get(p.structure)
+  if parts is None:
+    return pruning.wrap(inner, sparsity=p.sparsity, score=p.score, structure=p.structure,
+                        scope=p.scope, schedule=schedule, initial_masks=masks,
+                        **({} if where is None else {"where": where}))
+  tx = inner
+  for structure, pick in parts:
+    picked = pick if where is None else (lambda path, pick=pick: pick(path) and where(path))
+    tx = pruning.wrap(tx, sparsity=p.sparsity, score=p.score, structure=structure,
+                      scope=p.scope, schedule=schedule, initial_masks=_only(masks, pick),
+                      where=(lambda path, picked=picked: picked(path) and path.endswith(
+                          "kernel")))
+  return tx
 
 
 def compose(inner: optax.GradientTransformation, kinds: tuple[str, ...], prune: PrunePlan,
@@ -107,10 +135,21 @@ def carried_masks(opt_state: Any) -> Any:
   Returns:
     Masks to pass to `compose` (``masks=``) in the stages after it, or None.
   """
-  try:
-    return pruning.masks(opt_state)
-  except ValueError:
+  is_state = lambda x: isinstance(x, pruning.PruningState)
+  states, todo = [], [opt_state]
+  while todo:   # a wrapper's state holds those of the wrappers inside it
+    found = [x for x in jax.tree.leaves(todo.pop(), is_leaf=is_state) if is_state(x)]
+    states += found
+    todo += [x.inner_state for x in found]
+  if not states:
     return None
+  # A composite structure stacks wrappers, each masking its own leaves.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  merged = states[0].masks
+  for st in states[1:]:
+    merged = jax.tree.map(lambda a, b: b if masked(a) else a, merged, st.masks,
+                          is_leaf=masked)
+  return merged
 
 
 def masks_from_params(params: Any, prune: PrunePlan) -> Any:
@@ -130,7 +169,7 @@ def masks_from_params(params: Any, prune: PrunePlan) -> Any:
     Masks for `compose` (``masks=``): ``params != 0`` at the pruned kernels, None
     elsewhere.
   """
-  state = _prune_tx(optax.identity(), prune, pruning.one_shot(0)).init(params)
+  masks = carried_masks(_prune_tx(optax.identity(), prune, pruning.one_shot(0)).init(params))
 
   def mask(path, m, x):
     if isinstance(m, optax.MaskedNode) or not selection.default_where(
@@ -138,4 +177,4 @@ def masks_from_params(params: Any, prune: PrunePlan) -> Any:
       return None
     return np.asarray(x) != 0
   return jax.tree_util.tree_map_with_path(
-      mask, state.masks, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+      mask, masks, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))

@@ -18,6 +18,8 @@ def get_config(size=None):
   c.pipelines["distill"] = "distill:small"
   c.pipelines["P-Q-KD"] = "prune,quantize,distill"
   c.pipelines["Q-P-KD"] = "quantize,prune,distill"
+  # Structured: whole heads and MLP units removed, so the served model is smaller and faster.
+  c.pipelines["S-Q-KD"] = "prune:structured,quantize,distill"
   # The control: as many extra steps as the combined pipelines, no compression.
   c.pipelines["control"] = "finetune"
   c.compare = ("P-Q-KD", "Q-P-KD")

@@ -75,6 +75,8 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
       keep_checkpoints=2,
       max_nonfinite=20,   # consecutive skipped non-finite steps that stop a run
       vmap_seeds=not (tiny or full),   # train all seeds as one vmapped program
+      # float32 | bfloat16 (accelerators: params and optimizer state stay float32)
+      compute_dtype="float32",
   ))
   # Steps per epoch: 45,000 / 128 = 351 on CIFAR; 1,257 / 64 = 19 on digits.
   # Teacher: ResNet-18, CIFAR variant; width 64 is the published model (11.2M parameters).

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from compressjax.channels import frontend as frontend_lib
 
 POSITIONS = ("learned", "sinusoidal")
+DTYPES = ("float32", "bfloat16")
 TASKS = ("modulation", "symbols", "channel")
 
 
@@ -85,6 +86,10 @@ class IQTransformerConfig:
       unused by "raw".
     tap_powers: the channel's mean tap powers E|h_t|^2 (``num_taps`` floats), the prior
       of the "pilots" front end's LMMSE channel estimate; None estimates the taps by LS.
+    dtype: the compute dtype, one of `DTYPES`: "float32", or "bfloat16" for the
+      embedding, blocks and heads on accelerators (params stay float32, as in big_vision
+      and the flax examples; the front end, LayerNorm statistics, the attention softmax
+      and the outputs stay float32).
   """
   width: int = 64
   depth: int = 4
@@ -101,6 +106,7 @@ class IQTransformerConfig:
   frontend: str = "raw"
   num_pilots: int = 0
   tap_powers: tuple[float, ...] | None = None
+  dtype: str = "float32"
 
   def __post_init__(self):
     for field in ("width", "depth", "head_dim", "patch", "seq_len", "num_classes",
@@ -119,6 +125,8 @@ class IQTransformerConfig:
       raise ValueError(f"seq_len must be a multiple of patch={self.patch}, got {self.seq_len}")
     if self.positions not in POSITIONS:
       raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
     frontend_lib.num_features(self.frontend, self.num_taps)
@@ -210,30 +218,33 @@ class Attention(nn.Module):
   num_heads: int
   head_dim: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: chex.Array, train: bool = False) -> jnp.ndarray:
     features = (self.num_heads, self.head_dim)
-    q = nn.DenseGeneral(features, kernel_init=_kernel_init, name="query")(x)
-    k = nn.DenseGeneral(features, kernel_init=_kernel_init, name="key")(x)
-    v = nn.DenseGeneral(features, kernel_init=_kernel_init, name="value")(x)
+    dense = lambda name: nn.DenseGeneral(features, kernel_init=_kernel_init,
+                                         dtype=self.dtype, name=name)
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     self.sow("intermediates", "attention", weights)
     weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
-    mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    mixed = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
     return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_init=_kernel_init,
-                           name="out")(mixed)
+                           dtype=self.dtype, name="out")(mixed)
 
 
 class Mlp(nn.Module):
   """fc1 -> GELU -> fc2."""
   hidden: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: chex.Array) -> jnp.ndarray:
-    h = nn.gelu(nn.Dense(self.hidden, kernel_init=_kernel_init, name="fc1")(x))
-    return nn.Dense(x.shape[-1], kernel_init=_kernel_init, name="fc2")(h)
+    h = nn.gelu(nn.Dense(self.hidden, kernel_init=_kernel_init, dtype=self.dtype,
+                         name="fc1")(x))
+    return nn.Dense(x.shape[-1], kernel_init=_kernel_init, dtype=self.dtype, name="fc2")(h)
 
 
 class Block(nn.Module):
@@ -242,14 +253,16 @@ class Block(nn.Module):
   head_dim: int
   mlp_dim: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: chex.Array, train: bool = False) -> jnp.ndarray:
     drop = nn.Dropout(self.dropout, deterministic=not train)
-    h = Attention(self.num_heads, self.head_dim, self.dropout, name="attn")(
-        nn.LayerNorm(name="ln1")(x), train)
+    norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
+    h = Attention(self.num_heads, self.head_dim, self.dropout, self.dtype, name="attn")(
+        norm("ln1")(x), train)
     x = x + drop(h)
-    h = Mlp(self.mlp_dim, name="mlp")(nn.LayerNorm(name="ln2")(x))
+    h = Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("ln2")(x))
     x = x + drop(h)
     self.sow("intermediates", "features", x)
     return x
@@ -277,8 +290,10 @@ class IQTransformer(nn.Module):
     b = iq.shape[0]
     inputs = frontend_lib.features(iq, cfg.frontend, cfg.num_pilots, cfg.num_taps,
                                    cfg.tap_powers)
+    dtype = jnp.dtype(cfg.dtype)
+    dense = lambda features, name: nn.Dense(features, dtype=dtype, name=name)
     tokens = inputs.reshape(b, cfg.num_tokens, cfg.patch * cfg.in_channels)
-    x = nn.Dense(cfg.width, name="embed")(tokens)
+    x = dense(cfg.width, "embed")(tokens)
     if cfg.positions == "learned":
       x = x + self.param("pos_embed", nn.initializers.normal(0.02),
                          (1, cfg.num_tokens, cfg.width))
@@ -286,24 +301,22 @@ class IQTransformer(nn.Module):
       x = x + sinusoidal_positions(cfg.num_tokens, cfg.width)
     x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
     for i in range(cfg.depth):
-      x = Block(cfg.heads(i), cfg.head_dim, cfg.mlp(i), cfg.dropout, name=f"block_{i}")(
-          x, train)
-    x = nn.LayerNorm(name="ln_f")(x)
+      x = Block(cfg.heads(i), cfg.head_dim, cfg.mlp(i), cfg.dropout, dtype,
+                name=f"block_{i}")(x, train)
+    x = nn.LayerNorm(dtype=dtype, name="ln_f")(x)
     pooled = x.mean(axis=1)
-    symbols = nn.Dense(cfg.patch * cfg.num_symbols, name="head_symbols")(x)
+    symbols = dense(cfg.patch * cfg.num_symbols, "head_symbols")(x)
     symbols = symbols.reshape(b, cfg.seq_len, cfg.num_symbols)
     if cfg.frontend != "raw":
       # A per-sample linear path from the front end's features to the symbol logits: the
       # ML decision on an equalized sample is linear in it (argmax_m Re(x_hat s_m*) -
       # |s_m|^2 / 2), so this path learns the classical detector at once and the
       # transformer learns what it gets wrong.
-      symbols = symbols + nn.Dense(cfg.num_symbols, name="skip_symbols")(inputs)
-    channel = nn.Dense(2 * cfg.num_taps, name="head_channel")(pooled)
-    return {
-        "modulation": nn.Dense(cfg.num_classes, name="head_modulation")(pooled),
-        "symbols": symbols,
-        "channel": channel.reshape(b, cfg.num_taps, 2),
-    }
+      symbols = symbols + dense(cfg.num_symbols, "skip_symbols")(inputs)
+    channel = dense(2 * cfg.num_taps, "head_channel")(pooled)
+    out = {"modulation": dense(cfg.num_classes, "head_modulation")(pooled),
+           "symbols": symbols, "channel": channel.reshape(b, cfg.num_taps, 2)}
+    return {k: v.astype(jnp.float32) for k, v in out.items()}
 
 
 def init_params(config: IQTransformerConfig, key: chex.PRNGKey) -> dict[str, Any]:

@@ -86,6 +86,8 @@ class TrainPlan(NamedTuple):
     max_nonfinite: consecutive non-finite steps that stop a run.
     num_devices: data-parallel devices (0: all).
     vmap_seeds: train all seeds as one ``jax.vmap``-ed program.
+    compute_dtype: the models' compute dtype, one of `COMPUTE_DTYPES` ("bfloat16" on
+      accelerators; params and optimizer state stay float32).
   """
   batch_size: int
   log_every: int
@@ -94,6 +96,10 @@ class TrainPlan(NamedTuple):
   max_nonfinite: int
   num_devices: int
   vmap_seeds: bool
+  compute_dtype: str = "float32"
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 # ------------------------------------------------------------- shared config checks
@@ -138,7 +144,7 @@ def train_plan(t: Any, max_batch: int | None = None) -> TrainPlan:
 
   Args:
     t: the block (batch_size, log_every, checkpoint_every, keep_checkpoints,
-      max_nonfinite, num_devices, vmap_seeds).
+      max_nonfinite, num_devices, vmap_seeds; compute_dtype, "float32" if absent).
     max_batch: the largest batch allowed (a data set's size), or None.
   """
   hi = "" if max_batch is None else f" and <= {max_batch} (the training split's size)"
@@ -156,9 +162,11 @@ def train_plan(t: Any, max_batch: int | None = None) -> TrainPlan:
     parallel.check_batch_size(t.batch_size, devices, "train.batch_size")
   except ValueError as e:
     raise ValueError(f"{e} (train.num_devices={t.num_devices})") from None
+  dtype = t.get("compute_dtype", "float32")
+  check(dtype in COMPUTE_DTYPES, "train.compute_dtype", dtype, f"one of {COMPUTE_DTYPES}")
   return TrainPlan(int(t.batch_size), int(t.log_every), int(t.checkpoint_every),
                    int(t.keep_checkpoints), int(t.max_nonfinite), int(t.num_devices),
-                   bool(t.vmap_seeds))
+                   bool(t.vmap_seeds), dtype)
 
 
 class Teacher(NamedTuple):
@@ -363,12 +371,12 @@ def write_report(workdir: str, records: list[dict[str, Any]], **kwargs: Any) -> 
 
 
 def time_rows(records: list[dict[str, Any]], models: list[tuple[Any, Any]], sample,
-              rounds: int) -> None:
+              rounds: int, key: str = "latency") -> None:
   """Times one seed's rows in interleaved rounds (`training.interleaved_latency`).
 
-  Each record gets ``latency_ms`` (the median) and its latency relative to the teacher
-  (the first row): the median per-round ratio, its 10th and 90th percentiles, and
-  ``latency_noisy`` when they cover 1.
+  Each record gets ``<key>_ms`` (the median) and its latency relative to the teacher
+  (the first row): ``<key>_vs_teacher``, the median per-round ratio, with its 10th and
+  90th percentiles (``_lo``, ``_hi``) and ``<key>_noisy`` when they cover 1.
 
   Args:
     records: the seed's records, in the order of ``models``.
@@ -376,24 +384,25 @@ def time_rows(records: list[dict[str, Any]], models: list[tuple[Any, Any]], samp
       architecture shares its compiled program.
     sample: the input batch timed.
     rounds: timed rounds.
+    key: the records' key prefix (a study timing two batch sizes names them apart).
   """
   times = training.interleaved_latency([(apply, (v, sample)) for apply, v in models],
                                        rounds=rounds)
   for k, rec in enumerate(records):
     ratio = training.latency_ratio(times[:, k], times[:, 0])
-    rec.update(latency_ms=1e3 * float(np.median(times[:, k])),
-               latency_vs_teacher=ratio["ratio"], latency_vs_teacher_lo=ratio["lo"],
-               latency_vs_teacher_hi=ratio["hi"], latency_noisy=ratio["noisy"])
+    rec.update({f"{key}_ms": 1e3 * float(np.median(times[:, k])),
+                f"{key}_vs_teacher": ratio["ratio"], f"{key}_vs_teacher_lo": ratio["lo"],
+                f"{key}_vs_teacher_hi": ratio["hi"], f"{key}_noisy": ratio["noisy"]})
 
 
-def latency_text(records: list[dict[str, Any]]) -> str:
+def latency_text(records: list[dict[str, Any]], key: str = "latency") -> str:
   """``"0.93x [0.88, 0.97]"``: the median per-round ratio to the teacher and its 10th and
-  90th percentiles, averaged over seeds; ``" noisy"`` appended when they cover 1."""
-  if not records or "latency_vs_teacher" not in records[0]:
+  90th percentiles (of `time_rows`'s ``key``), averaged over seeds; ``" noisy"`` appended
+  when they cover 1."""
+  if not records or f"{key}_vs_teacher" not in records[0]:
     return "-"
-  mean = lambda k: float(np.mean([r[k] for r in records]))
-  lo, mid, hi = mean("latency_vs_teacher_lo"), mean("latency_vs_teacher"), mean(
-      "latency_vs_teacher_hi")
+  mean = lambda k: float(np.mean([r[f"{key}_vs_teacher{k}"] for r in records]))
+  lo, mid, hi = mean("_lo"), mean(""), mean("_hi")
   if lo == mid == hi == 1.0:
     return "1 (reference)"
   return f"{mid:.2f}x [{lo:.2f}, {hi:.2f}]" + (" noisy" if lo <= 1.0 <= hi else "")

@@ -223,17 +223,18 @@ def _data(config: Any) -> tuple[int, tuple[int, int, int], int]:
   return NUM_CLASSES[name], (size, size, 3), pool - config.num_val
 
 
-def _models(config: Any, classes: int):
+def _models(config: Any, classes: int, dtype: str = "float32"):
   t, s = config.teacher, config.student
   try:
     teacher = resnet.ResNet(stage_sizes=tuple(t.stage_sizes), num_classes=classes,
-                            width=t.width)
+                            width=t.width, dtype=jnp.dtype(dtype))
   except (TypeError, ValueError) as e:
     raise ValueError(f"teacher: {e}") from None
   stages = mobilenet_v2.CIFAR_STAGES if not s.stages else tuple(tuple(r) for r in s.stages)
   try:
     student = mobilenet_v2.MobileNetV2(classes, s.width_multiplier, stages,
-                                       depthwise_impl=s.depthwise_impl)
+                                       depthwise_impl=s.depthwise_impl,
+                                       dtype=jnp.dtype(dtype))
   except (TypeError, ValueError) as e:
     raise ValueError(f"student: {e}") from None
   return teacher, student
@@ -351,7 +352,7 @@ def validate(config: Any) -> Plan:
              for t in targets), "targets", config.targets,
          "a tuple of (label, accuracy ratio, fraction of bytes saved) triples")
 
-  teacher, student = _models(config, classes)
+  teacher, student = _models(config, classes, train.compute_dtype)
   student_eval = student.clone(depthwise_impl="conv")
   x = jax.ShapeDtypeStruct((1, *shape), np.float32)
   init = lambda m: jax.eval_shape(lambda x: m.init(jax.random.key(0), x, train=False), x)
@@ -408,14 +409,15 @@ def load_data(config: Any) -> datasets.VisionData:
 
 
 def image_forward(model: Any) -> Callable[..., Any]:
-  """`training.make_train_step`'s forward for a linen image classifier: ``{"label": logits}``."""
+  """`training.make_train_step`'s forward for a linen image classifier: ``{"label": logits}``
+  (float32 logits whatever the model's compute dtype: the losses are taken in float32)."""
 
   def forward(variables, batch, *, train, rngs, mutable=()):
     del rngs
     if mutable:
       logits, mutated = model.apply(variables, batch["image"], train=train, mutable=mutable)
-      return {"label": logits}, mutated
-    return {"label": model.apply(variables, batch["image"], train=train)}
+      return {"label": logits.astype(jnp.float32)}, mutated
+    return {"label": model.apply(variables, batch["image"], train=train).astype(jnp.float32)}
 
   return forward
 

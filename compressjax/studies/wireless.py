@@ -41,6 +41,7 @@ per stage of every pipeline) before any work; nothing below `run` reads the conf
 measurements and the report are in `compressjax.studies.wireless_measure`.
 """
 
+import dataclasses
 import functools
 import os
 import zlib
@@ -70,6 +71,7 @@ from compressjax.training import parallel
 
 STAGES = ("prune", "quantize", "distill", "finetune")
 DISTILL_STUDENTS = ("inherit", "small")
+PRUNE_OPTIONS = ("structured",)   # prune:structured removes whole heads and MLP units
 _SHOW = ("ser_top", "accuracy", "nmse_db", "bytes")  # in the "stage done" console line
 # The optimizer of every stage: AdamW on a cosine decay to this fraction of its peak.
 _END_FRACTION = 0.05
@@ -97,6 +99,8 @@ class StagePlan(NamedTuple):
       instead of the task loss alone.
     constraints: the ``prune``/``quantize`` stages in force after it (earlier ones and its
       own, in order): the wrappers its optimizer stacks.
+    prune: the pipeline's prune settings (the config's ``prune`` block; ``prune:structured``
+      prunes whole heads and MLP units, `stages.COMPOSITE`'s ``"head+neuron"``).
   """
   kind: str
   option: str | None
@@ -109,6 +113,7 @@ class StagePlan(NamedTuple):
   from_init: bool
   kd: bool
   constraints: tuple[str, ...]
+  prune: PrunePlan
 
 
 class Plan(NamedTuple):
@@ -124,7 +129,7 @@ class Plan(NamedTuple):
     task_weights: loss weight per task (missing: 1).
     teacher_optimizer: the teacher's optimizer (AdamW, warm-up then a cosine decay to 5%).
     pipelines: pipeline name -> its stages, in order.
-    prune: the prune stage's settings.
+    prune: the prune block's settings (a ``prune:structured`` stage's are its `StagePlan`'s).
     spec: the quantize stage's quantizer (and the export's).
     temperature: the KD temperature.
     alpha: the KD soft-target weight.
@@ -180,6 +185,10 @@ def _parse(text: str, field: str) -> tuple[tuple[str, str | None], ...]:
       if option not in DISTILL_STUDENTS:
         raise ValueError(f"{field}: distill student must be one of {DISTILL_STUDENTS}, "
                          f"got {option!r}")
+    elif kind == "prune" and option:
+      if option not in PRUNE_OPTIONS:
+        raise ValueError(f"{field}: prune option must be one of {PRUNE_OPTIONS}, got "
+                         f"{option!r}")
     elif option:
       raise ValueError(f"{field}: stage {kind!r} takes no option, got {item!r}")
     stages.append((kind, option or None))
@@ -189,9 +198,15 @@ def _parse(text: str, field: str) -> tuple[tuple[str, str | None], ...]:
 def _pipeline(stages: tuple[tuple[str, str | None], ...], config: Any,
               teacher: iq_transformer.IQTransformerConfig,
               student: iq_transformer.IQTransformerConfig,
-              teacher_optimizer: engine.OptimizerPlan) -> tuple[StagePlan, ...]:
+              teacher_optimizer: engine.OptimizerPlan, prune: PrunePlan,
+              field: str) -> tuple[StagePlan, ...]:
   """Resolves one pipeline's stages (their blocks are checked already)."""
   plans, constraints, model = [], (), teacher
+  _check(sum(k == "prune" for k, _ in stages) <= 1 and sum(k == "quantize" for k, _ in stages)
+         <= 1, field, ",".join(k + (f":{o}" if o else "") for k, o in stages),
+         "at most one prune and one quantize stage")
+  if ("prune", "structured") in stages:
+    prune = prune._replace(structure="head+neuron")
   for i, (kind, option) in enumerate(stages):
     c = config[kind]
     steps = c.steps
@@ -211,7 +226,7 @@ def _pipeline(stages: tuple[tuple[str, str | None], ...], config: Any,
         label=dirname + (f":{option}" if option else ""),
         prefix=",".join(f"{k}:{o or ''}" for k, o in stages[:i + 1]), steps=steps,
         optimizer=opt, model=model, from_init=from_init, kd=kind == "distill",
-        constraints=constraints))
+        constraints=constraints, prune=prune))
   return tuple(plans)
 
 
@@ -244,6 +259,9 @@ def validate(config: Any) -> Plan:
          and t.weight_decay >= 0 and np.isfinite(t.weight_decay), "train.weight_decay",
          t.weight_decay, "a finite number >= 0")
   train = engine.train_plan(t)
+  # The compute dtype is the architectures' (params and optimizer state stay float32).
+  teacher = dataclasses.replace(teacher, dtype=train.compute_dtype)
+  student = dataclasses.replace(student, dtype=train.compute_dtype)
   try:
     training.multitask.check_tasks(t.tasks)
   except ValueError as e:
@@ -296,7 +314,8 @@ def validate(config: Any) -> Plan:
            f"a comma-separated string of stages from {STAGES}")
     stages = _parse(text, f"pipelines.{name}")
     _check(len(stages) > 0, f"pipelines.{name}", text, f"at least one stage of {STAGES}")
-    pipelines[name] = _pipeline(stages, config, teacher, student, teacher_optimizer)
+    pipelines[name] = _pipeline(stages, config, teacher, student, teacher_optimizer, prune,
+                                f"pipelines.{name}")
   return Plan(
       channel=channel, teacher=teacher, student=student, seeds=seeds,
       train=train,
@@ -388,7 +407,8 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
 
   records = [[measured(d, "teacher", r, plan.teacher, False)]
              for d, r in zip(teacher_dirs, done_teachers)]
-  timed = [(plan.teacher, teachers)]  # (architecture, params per seed) of every row
+  # (architecture, params per seed, quantized) of every row, for its served form's timing.
+  timed = [(plan.teacher, teachers, False)]
   # A stage is run once per distinct prefix of stages: "prune" is the first stage of
   # "prune,quantize,distill" too, and its row is shared (its randomness comes from the
   # prefix, not the pipeline's name).
@@ -403,7 +423,7 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
         params, masks, recs = done[stage.prefix]
         for rec, r in zip(records, recs):
           rec.append({**r, "name": label, "same_as": r["name"]})
-        timed.append((stage.model, params))
+        timed.append((stage.model, params, "quantize" in stage.constraints))
         continue
       rel = os.path.join(name, stage.dirname)
       stage_dirs = [os.path.join(r, rel) for r in roots]
@@ -417,12 +437,12 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
       start = params
       if stage.optimizer is None:   # post-training quantization of the running model
         run = lambda start=start, stage=stage, masks=masks: [engine.Trained(
-            jax.device_get(quantization.quantize_tree(
-                _start_on_constraints(p, stage.constraints[:-1], plan, m), plan.spec)),
+            jax.device_get(quantization.quantize_tree(_start_on_constraints(
+                p, stage.constraints[:-1], stage.prune, plan.spec, m), plan.spec)),
             [], m, None) for p, m in zip(start, masks)]
       else:
         opt = engine.optimizer(stage.optimizer)
-        txs = [compose(opt, stage.constraints, plan.prune, plan.spec, fresh=fresh,
+        txs = [compose(opt, stage.constraints, stage.prune, plan.spec, fresh=fresh,
                        steps=stage.steps, masks=m)
                for m in masks]
         run = lambda start=start, stage=stage, txs=txs, keys_i=keys_i, rel=rel, \
@@ -430,7 +450,7 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
                                 keys_i, ckpt_root(rel), teachers if stage.kd else None)
       mask_targets = None
       if stage.kind == "prune":
-        mask_targets = [carried_masks(compose(optax.identity(), ("prune",), plan.prune,
+        mask_targets = [carried_masks(compose(optax.identity(), ("prune",), stage.prune,
                                               plan.spec).init(p)) for p in start]
       results = engine.restore_or_run(stage_dirs, start, run, mask_targets)
       params = [r.variables for r in results]
@@ -440,22 +460,27 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
       for rec, d, r in zip(records, stage_dirs, results):
         rec.append(measured(d, label, r, stage.model, quantized))
       done[stage.prefix] = (params, masks, [rec[-1] for rec in records])
-      timed.append((stage.model, params))
-  sample = wm.latency_sample(plan.eval, eval_batches)
+      timed.append((stage.model, params, quantized))
+  # Every row's served form, timed with the teacher in the same rounds, at the eval batch
+  # and at eval.latency_batch frames.
+  samples = {"latency": wm.latency_sample(plan.eval, eval_batches),
+             "latency1": wm.latency_sample(plan.eval, eval_batches, plan.eval.latency_batch)}
   for j, recs in enumerate(records):
-    engine.time_rows(recs, [(wm.jitted_apply(m), {"params": ps[j]}) for m, ps in timed],
-                     sample, plan.eval.latency_repeats)
+    served = [wm.served(m, ps[j], plan.spec if q else None) for m, ps, q in timed]
+    for key, sample in samples.items():
+      engine.time_rows(recs, [(s.apply, s.variables) for s in served], sample,
+                       plan.eval.latency_repeats, key)
   for seed, recs in zip(seeds, records):
     for r in recs:
       r["seed"] = seed
   return [r for recs in records for r in recs]
 
 
-def _start_on_constraints(params, kinds, plan, masks=None):
+def _start_on_constraints(params, kinds, prune, spec, masks=None):
   """Params after one zero-gradient step of the constraint stack (``masks`` carried)."""
   if not kinds:
     return params
-  tx = compose(optax.sgd(0.0), kinds, plan.prune, plan.spec, masks=masks)
+  tx = compose(optax.sgd(0.0), kinds, prune, spec, masks=masks)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   return optax.apply_updates(params, updates)
 
@@ -504,7 +529,10 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   table = (reporting.aggregate(records, wm.COLUMNS) if len(seeds) > 1 else
            [dict(r) for r in records])
   for row in table:
-    row["latency_text"] = engine.latency_text([r for r in records if r["name"] == row["name"]])
+    same = [r for r in records if r["name"] == row["name"]]
+    row["latency_text"] = engine.latency_text(same)
+    row["latency1_text"] = engine.latency_text(same, "latency1")
+    row["served"] = same[0].get("served", "-")
   if not parallel.is_main_process():
     return records
   reporting.write_json(os.path.join(workdir, "references.json"), refs)

@@ -20,6 +20,7 @@ import numpy as np
 from compressjax import quantization
 from compressjax import reporting
 from compressjax import selection
+from compressjax import serving
 from compressjax import training
 from compressjax.channels import ChannelConfig
 from compressjax.models import iq_transformer
@@ -62,12 +63,18 @@ def snr_summary(snr_db: list, rates: list) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def _programs(model_cfg: Any) -> tuple[Any, Any]:
-  """The jitted predict and apply of an architecture: every stage of one architecture
-  reuses their compiled programs (evaluation, FLOPs and latency compile once)."""
-  model = _model(model_cfg)
-  return (training.make_predict_fn(training.multitask_forward(model.apply)),
-          jax.jit(model.apply))
+def _predict(model_cfg: Any) -> Any:
+  """The jitted predict of an architecture: every stage of one architecture reuses its
+  compiled program (the served apply is `serving`'s, cached the same way)."""
+  return training.make_predict_fn(training.multitask_forward(_model(model_cfg).apply))
+
+
+def served(model_cfg: iq_transformer.IQTransformerConfig, params: Any,
+           spec: quantization.Spec | None = None) -> serving.Served:
+  """A stage's served form (`serving.serve`): structured pruning materialized, quantized
+  kernels as integer codes dequantized in the jitted apply (one compile per architecture)."""
+  return serving.serve(iq_transformer.IQTransformer, model_cfg, params, spec,
+                       config_from_params=iq_transformer.config_from_params)
 
 
 def measure(e: EvalPlan, channel: ChannelConfig, model_cfg: iq_transformer.IQTransformerConfig,
@@ -87,7 +94,7 @@ def measure(e: EvalPlan, channel: ChannelConfig, model_cfg: iq_transformer.IQTra
   Returns:
     The stage's metrics record.
   """
-  predict, apply = _programs(model_cfg)
+  predict = _predict(model_cfg)
   edges = training.evaluation.point_edges(e.snr_points)
   ev = training.evaluate(predict, {"params": params}, eval_batches,
                          modulation=channel.modulation,
@@ -96,9 +103,11 @@ def measure(e: EvalPlan, channel: ChannelConfig, model_cfg: iq_transformer.IQTra
             if spec is not None else float_nbytes)
   counts = training.param_counts(params)
   # Latency is timed for every row of a seed together, interleaved (`engine.time_rows`).
+  sv = served(model_cfg, params, spec)
   rec = {"params_total": counts["params"], "params_nonzero": counts["nonzero"],
          "bytes": training.packed_bytes(params, nbytes),
-         "flops": training.flops(apply, {"params": params}, latency_sample(e, eval_batches)),
+         "flops": training.flops(sv.apply, sv.variables, latency_sample(e, eval_batches, 1)),
+         "served": sv.form,
          "sparsity": _kernel_sparsity(params), "bits": spec.bits if spec is not None else 32}
   if "modulation" in ev:
     m = ev["modulation"]
@@ -210,9 +219,11 @@ COLUMNS = (
     ("params_nonzero", "non-zero", "{:,.0f}"),
     ("bytes", "bytes", "{:,.0f}"),
     ("compression", "x smaller", "{:.2f}"),
-    ("flops", "FLOPs", "{:.3g}"),
+    ("flops", "FLOPs / frame", "{:.3g}"),
     ("latency_ms", "latency ms", "{:.3f}"),
     ("latency_text", "latency / teacher", "{}"),
+    ("latency1_text", "latency / teacher @ 1", "{}"),
+    ("served", "served as", "{}"),
 )
 
 
@@ -242,26 +253,27 @@ def legend(e: "EvalPlan") -> dict[str, str]:
                "scales, the rest float32; sparse tensors as a bitmask plus the non-zero "
                "values",
       "compression": "the teacher's bytes / the stage's bytes",
-      "flops": f"XLA's FLOP count of one forward pass on {e.latency_batch} frames",
-      "latency_ms": f"median wall time of one jitted forward pass on {e.latency_batch} "
-                    f"frames (ms), over {e.latency_repeats} rounds on this device, every "
-                    f"row of a seed timed in the same interleaved rounds",
-      "latency_text": "the stage's latency / the teacher's: the median per-round ratio and "
-                      "its 10th and 90th percentiles; 'noisy' when those cover 1 (every "
-                      "stage here runs the dense float model, masked or fake-quantized, so "
-                      "no stage is expected to differ)",
+      "flops": "XLA's FLOP count of one forward pass of the served model on one frame "
+               "(removed heads and MLP units are not counted; zeros in dense kernels are)",
+      "latency_ms": f"median wall time of one jitted forward pass of the served model on "
+                    f"the eval batch ({e.batch_size} frames, ms), over {e.latency_repeats} "
+                    f"rounds on this device, every row of a seed timed in the same "
+                    f"interleaved rounds",
+      "latency_text": f"the served model's latency / the teacher's at the eval batch "
+                      f"({e.batch_size} frames): the median per-round ratio and its 10th "
+                      f"and 90th percentiles; 'noisy' when those cover 1",
+      "latency1_text": f"the same at a batch of {e.latency_batch} frame(s)",
+      "served": "the served form timed (compressjax/serving.py): 'materialized' removes "
+                "pruned heads and MLP units; integer codes are dequantized inside the "
+                "jitted function; zeros of unstructured pruning stay in dense kernels, "
+                "since XLA has no sparse kernel to exploit them",
   }
 
 
-def jitted_apply(model_cfg: Any) -> Any:
-  """The jitted apply of an architecture (shared with `measure`: one compile)."""
-  return _programs(model_cfg)[1]
-
-
-def latency_sample(e: "EvalPlan", eval_batches: list) -> Any:
-  """The batch latency is timed on: the first ``e.latency_batch`` frames of one task."""
+def latency_sample(e: "EvalPlan", eval_batches: list, frames: int | None = None) -> Any:
+  """The first ``frames`` frames (default: the eval batch) of one task's first batch."""
   first_task = sorted(eval_batches[0])[0]
-  return eval_batches[0][first_task].iq[:e.latency_batch]
+  return eval_batches[0][first_task].iq[:e.batch_size if frames is None else frames]
 
 
 def _db(x):

@@ -130,34 +130,44 @@ def model_cost(apply_fn: Callable[..., Any], variables: Mapping[str, Any], sampl
 
 
 def interleaved_latency(calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
-                        rounds: int = 10, warmup: int = 2) -> np.ndarray:
+                        rounds: int = 10, warmup: int = 2, repeats: int = 3,
+                        seed: int = 0) -> np.ndarray:
   """Wall times of several functions timed in interleaved rounds: ``[rounds, len(calls)]``.
 
-  Each round calls every function once, in order, so a slow spell of a shared machine
-  hits all of them alike and the ratio of two columns, taken round by round, is far
-  steadier than two separate medians (identical models measured apart differ by 20-30%
-  on a loaded 2-core CPU; interleaved, their per-round ratios center on 1).
+  Each round calls every function, in an order shuffled per round, so a slow spell of a
+  shared machine hits all of them alike and the ratio of two columns, taken round by
+  round, is far steadier than two separate medians (identical models measured apart differ
+  by 20-30% on a loaded 2-core CPU; interleaved, their per-round ratios center on 1). The
+  shuffle keeps a position in the round (the first call after another program runs slower,
+  its caches cold) from favouring one function. A function's time in a round is the
+  fastest of ``repeats`` back-to-back calls: a served model runs call after call.
 
   Args:
     calls: ``(fn, args)`` pairs; ``fn`` jitted or not (jitted here once each).
     rounds: timed rounds.
     warmup: untimed rounds first (the first compiles).
+    repeats: back-to-back calls per function per round (the fastest counts).
+    seed: seed of the per-round orders.
 
   Returns:
-    Seconds per call, one row per round.
+    Seconds per call, one row per round, columns in the order of ``calls``.
   """
-  if warmup < 1 or rounds < 1:
-    raise ValueError(f"warmup and rounds must be >= 1, got {warmup}, {rounds}")
+  if warmup < 1 or rounds < 1 or repeats < 1:
+    raise ValueError(f"warmup, rounds and repeats must be >= 1, got {warmup}, {rounds}, "
+                     f"{repeats}")
   fns = [(_jitted(fn), args) for fn, args in calls]
   for _ in range(warmup):
     for fn, args in fns:
       jax.block_until_ready(fn(*args))
-  times = np.zeros((rounds, len(fns)))
+  rng = np.random.default_rng(seed)
+  times = np.full((rounds, len(fns)), np.inf)
   for r in range(rounds):
-    for i, (fn, args) in enumerate(fns):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[r, i] = time.perf_counter() - t0
+    for i in rng.permutation(len(fns)):
+      fn, args = fns[i]
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[r, i] = min(times[r, i], time.perf_counter() - t0)
   return times
 
 

@@ -64,3 +64,24 @@ def test_interleaved_rounds_time_every_call_once_per_round():
   assert times.shape == (5, 2) and np.all(times > 0) and len(calls) == 1
   with pytest.raises(ValueError, match="rounds"):
     measure.interleaved_latency([(fn, (x,))], rounds=0)
+
+
+def test_interleaved_rounds_shuffle_the_order_and_take_the_fastest_repeat():
+  order = []
+
+  def tagged(i):
+    def fn(x):
+      jax.experimental.io_callback(lambda: order.append(i), None, ordered=True)
+      return x + i
+    return fn
+
+  x = jnp.ones(())
+  times = measure.interleaved_latency([(tagged(i), (x,)) for i in range(3)], rounds=6,
+                                      warmup=1, repeats=2)
+  assert times.shape == (6, 3) and np.all(np.isfinite(times))
+  timed = order[3:]   # after one warm-up round, in the given order
+  assert order[:3] == [0, 1, 2] and len(timed) == 6 * 3 * 2
+  rounds = [tuple(timed[k:k + 6:2]) for k in range(0, len(timed), 6)]
+  assert all(sorted(r) == [0, 1, 2] for r in rounds)          # each once per round...
+  assert all(timed[k] == timed[k + 1] for k in range(0, len(timed), 2))  # ...back to back
+  assert len(set(rounds)) > 1                                  # in orders that vary
