@@ -86,6 +86,9 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       # host); several seeds can train as one vmapped program instead of one by one.
       num_devices=0,
       vmap_seeds=False,
+      # The models' compute dtype: float32 | bfloat16 (for GPU/TPU; params and optimizer
+      # state stay float32, the front end and the losses too).
+      compute_dtype="float32",
       # Reliability: the training state is checkpointed every this many steps (0 = off)
       # in each stage's ckpt/ directory, and a rerun resumes from the newest readable
       # one; orbax keeps the newest keep_checkpoints (>= 2) of them.
@@ -101,7 +104,9 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       learning_rate=3e-4,
       sparsity=0.5,
       score="magnitude",        # magnitude | random | saliency | movement
-      structure="unstructured", # unstructured | "n:m" (e.g. "2:4") | neuron | head
+      # unstructured | "n:m" (e.g. "2:4") | neuron | head; a "prune:structured" stage
+      # removes whole heads and MLP units instead (each at this sparsity).
+      structure="unstructured",
       scope="layer",            # layer | global
       schedule="polynomial",    # polynomial (Zhu & Gupta, over the first half) | one_shot
   ))
@@ -134,7 +139,7 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       frames_per_point=32 if tiny else (2048 if full else 384),
       batch_size=32 if tiny else (256 if full else 384),   # frames per task per eval batch
       high_snr_db=15.0,         # "mod. acc >= hi" averages the points at or above this
-      latency_batch=64,
+      latency_batch=1,          # served latency is timed at the eval batch and at this one
       latency_repeats=5 if tiny else 10,
   ))
   # Two pipeline names whose final stages results.md compares seed by seed (paired
