@@ -13,6 +13,11 @@ from compressjax.channels.constellations import is_square_qam
 from compressjax.channels.constellations import modulate
 from compressjax.channels.constellations import order
 from compressjax.channels import theory
+from compressjax.channels import adc
+from compressjax.channels.adc import adc_codes
+from compressjax.channels.adc import adc_quantize
+from compressjax.channels.adc import adc_quantize_parts
+from compressjax.channels.adc import agc_rms
 from compressjax.channels.batched import RECEIVERS
 from compressjax.channels.batched import complex_to_iq
 from compressjax.channels.batched import iq_to_complex

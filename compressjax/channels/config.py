@@ -1,10 +1,10 @@
 """The channel configuration: one frozen, hashable dataclass, validated on construction.
 
 A `ChannelConfig` fixes everything static about a batch (modulation, frame length,
-pilots, power-delay profile, tap count, Doppler, SNR range), so ``simulate`` compiles
-once per config and every batch drawn from it has the same shapes. It is usable as a
-``jax.jit`` static argument. Invalid values raise ``ValueError`` naming the field, the
-value and what is allowed, here at the boundary and never inside ``jit``.
+pilots, power-delay profile, tap count, Doppler, SNR range, the receiver's ADC), so
+``simulate`` compiles once per config and every batch drawn from it has the same shapes.
+It is usable as a ``jax.jit`` static argument. Invalid values raise ``ValueError`` naming
+the field, the value and what is allowed, here at the boundary and never inside ``jit``.
 """
 
 import dataclasses
@@ -13,6 +13,7 @@ import numbers
 
 import numpy as np
 
+from compressjax.channels import adc
 from compressjax.channels import constellations
 from compressjax.channels import fading
 
@@ -84,6 +85,14 @@ class ChannelConfig:
     doppler_sinusoids: sinusoids per tap of the "sos" model.
     snr_db: a float, or a (lo, hi) range drawn uniformly per example, in dB.
     snr_type: "es_n0" (SNR per symbol) or "eb_n0" (per bit, Es/N0 = Eb/N0 * log2 M).
+    adc_bits: the receiver's ADC (`adc.adc_quantize`) on every task's received samples,
+      after the noise: 0 = none (ideal samples); b = 1..8 = AGC to the frame's own RMS
+      level, then a b-bit uniform mid-rise quantizer on I and on Q. ``Batch.noise_var``
+      stays the thermal N0; the quantization error comes on top of it.
+    adc_clip: the ADC's clip level in multiples of the frame's RMS level per real
+      dimension (> 0); None takes `adc.GAUSSIAN_CLIP` at ``adc_bits`` (the clip that
+      minimizes a Gaussian input's quantization MSE). Ignored (with a warning) when
+      ``adc_bits`` is 0.
   """
   modulation: str = "qam16"
   modulations: tuple[str, ...] = ("bpsk", "qpsk", "psk8", "qam16", "qam64")
@@ -100,6 +109,8 @@ class ChannelConfig:
   doppler_sinusoids: int = 8
   snr_db: float | tuple[float, float] = (0.0, 20.0)
   snr_type: str = "es_n0"
+  adc_bits: int = 0
+  adc_clip: float | None = None
 
   def __post_init__(self):
     constellations.check_modulation(self.modulation)
@@ -149,6 +160,13 @@ class ChannelConfig:
                        f"got {snr!r}")
     if self.snr_type not in SNR_TYPES:
       raise ValueError(f"snr_type must be one of {SNR_TYPES}, got {self.snr_type!r}")
+    if not _is_int(self.adc_bits) or not 0 <= self.adc_bits <= adc.MAX_BITS:
+      raise ValueError(f"adc_bits must be an integer in [0, {adc.MAX_BITS}] (0: no ADC), "
+                       f"got {self.adc_bits!r}")
+    object.__setattr__(self, "adc_bits", int(self.adc_bits))
+    if self.adc_clip is not None:
+      _check_finite("adc_clip (or None)", self.adc_clip, 0.0, lo_open=True)
+      object.__setattr__(self, "adc_clip", float(self.adc_clip))
     # A field the profile ignores, set away from its default and from the value the profile
     # uses, would silently not act: say so (a warning, since configs shared across profiles
     # set such fields on purpose).
@@ -164,6 +182,10 @@ class ChannelConfig:
         warnings.warn(f"ChannelConfig: profile {self.profile!r} ignores {name} (it uses "
                       f"{in_force[name]:g}), got {name}={value!r}; leave it at its default "
                       f"{default!r} or pick a profile that uses it", UserWarning, stacklevel=3)
+    if self.adc_clip is not None and self.adc_bits == 0:
+      warnings.warn(f"ChannelConfig: adc_bits=0 (no ADC) ignores adc_clip, got "
+                    f"adc_clip={self.adc_clip!r}; set adc_bits in [1, {adc.MAX_BITS}] or "
+                    f"leave adc_clip at None", UserWarning, stacklevel=3)
 
   @property
   def snr_range(self) -> tuple[float, float]:
@@ -220,6 +242,13 @@ class ChannelConfig:
   def time_varying(self) -> bool:
     """Whether the taps vary over the frame (``doppler_hz > 0`` and a fading profile)."""
     return self.doppler_hz > 0 and self.profile != "awgn"
+
+  @property
+  def effective_adc_clip(self) -> float | None:
+    """The ADC's clip in RMS units in force: ``adc_clip`` or its default; None when off."""
+    if self.adc_bits == 0:
+      return None
+    return self.adc_clip if self.adc_clip is not None else adc.default_clip(self.adc_bits)
 
   @property
   def doppler_norm(self) -> float:

@@ -5,10 +5,15 @@ One example is one frame of L complex samples through the channel of its `Channe
   y[n] = sum_t h[n, t] x[n - t] + w[n],  x[n < 0] = 0,  w ~ CN(0, N0),
 
 with unit-energy symbols x, taps h from `fading` (E sum_t |h|^2 = 1) and N0 from an SNR
-drawn per example, so the mean received Es/N0 is the drawn SNR. `simulate_example` draws
-one frame from one key; `simulate` splits a key into ``batch_size`` keys and vmaps it under
-``jit`` (config, batch size and task static; the SNR range is data), so the same key gives
-the same batch and example i depends only on the i-th split key.
+drawn per example, so the mean received Es/N0 is the drawn SNR. With ``cfg.adc_bits`` > 0
+the frame then goes through the receiver's ADC (`adc.adc_quantize_parts`: AGC to the
+frame's RMS level, b bits on I and on Q) in every task, so training and evaluation frames
+see the same receiver; ``adc_bits`` = 0 leaves y as above, bit for bit.
+
+`simulate_example` draws one frame from one key; `simulate` splits a key into
+``batch_size`` keys and vmaps it under ``jit`` (config, batch size and task static; the SNR
+range is data), so the same key gives the same batch and example i depends only on the
+i-th split key.
 
 Speed on XLA:CPU (measured, see bench/channel_throughput.py): the batch keys come from
 `variates.split` (bit for bit ``jax.random.split``, unrolled); each example draws all its
@@ -41,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compressjax.channels import adc
 from compressjax.channels import constellations
 from compressjax.channels import fading
 from compressjax.channels import variates
@@ -55,7 +61,8 @@ class Batch(NamedTuple):
   """A batch of frames (B examples, L samples, k bits per symbol, T taps).
 
   Attributes:
-    iq: float32 [B, L, 2] received samples, (real, imaginary).
+    iq: float32 [B, L, 2] received samples, (real, imaginary); the ADC's output levels
+      when ``cfg.adc_bits`` > 0.
     label: int32 [B] modulation class index into ``cfg.modulations`` ("modulation"
       task), else 0.
     snr_db: float32 [B] drawn SNR in dB, in ``cfg.snr_type`` units.
@@ -64,7 +71,8 @@ class Batch(NamedTuple):
       positions and in the "modulation" task).
     pilot_mask: bool [L] true at pilot positions (shared by the batch).
     taps: complex64 [B, T] (block fading) or [B, L, T] (``cfg.doppler_hz > 0``).
-    noise_var: float32 [B] noise variance N0 per complex sample.
+    noise_var: float32 [B] (thermal) noise variance N0 per complex sample, without the
+      ADC's quantization error.
   """
   iq: jnp.ndarray
   label: jnp.ndarray
@@ -263,6 +271,8 @@ def _example(key, cfg: ChannelConfig, task: str, snr_lo, snr_hi) -> Batch:
   w_re, w_im = variates.normal_parts_from_bits(bits[2:o_phase], turns)
   std = jnp.sqrt(noise_var)
   y_re, y_im = _received_parts((x_re, x_im), h, (std * w_re, std * w_im))
+  if cfg.adc_bits:
+    y_re, y_im = adc.adc_quantize_parts(y_re, y_im, cfg.adc_bits, cfg.effective_adc_clip)
   return Batch(iq=jnp.stack([y_re, y_im], -1), label=label,
                snr_db=snr_db, symbols=idx, bits=bits_out, pilot_mask=jnp.asarray(mask),
                taps=jax.lax.complex(*h), noise_var=noise_var)
@@ -357,6 +367,7 @@ def noiseless_output(batch: Batch, cfg: ChannelConfig, task: str = "symbols") ->
     task: its task.
 
   Returns:
-    complex64 [B, L]; ``iq`` minus this is the noise.
+    complex64 [B, L]; ``iq`` minus this is the noise (and, with ``cfg.adc_bits`` > 0, the
+    quantization error).
   """
   return jax.vmap(_convolve)(transmitted_symbols(batch, cfg, task), batch.taps)
