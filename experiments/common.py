@@ -45,6 +45,12 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       doppler_hz=200.0,         # ~ walking speed at 28 GHz, or a slow AGV at 5 GHz
       snr_db=(0.0, 30.0),       # drawn per training example; evaluation: eval.snr_points
       snr_type="es_n0",
+      # The receiver's ADC on every frame, training and evaluation alike: 0 = ideal
+      # samples; 1..8 bits per I and Q after AGC to the frame's RMS level, clipped at
+      # adc_clip x RMS (None: the Gaussian-MSE-optimal clip for the bits, channels/adc.py;
+      # a float placeholder, so --config.channel.adc_clip=2.5 overrides it).
+      adc_bits=0,
+      adc_clip=ml_collections.config_dict.placeholder(float),
   ))
 
   c.teacher = ml_collections.ConfigDict(dict(
