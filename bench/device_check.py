@@ -93,33 +93,33 @@ def check_simulator(plan: wireless.Plan, frames: int, rounds: int) -> dict:
           "samples_per_s": samples / seconds, "target": SIM_TARGET}
 
 
-def check_train_throughput(plan: wireless.Plan, steps: dict, rounds: int, cpu_rounds: int,
-                           same_machine: bool) -> dict:
+def check_train_throughput(plan: wireless.Plan, teacher_steps: dict, rounds: int,
+                           cpu_rounds: int, same_machine: bool) -> dict:
   """Steps/s and frames/s of the teacher's step per dtype, and of the CPU default's.
 
   Args:
     plan: the size's plan.
-    steps: ``{dtype: (step, state)}`` from `train_step`, timed in interleaved rounds.
+    teacher_steps: ``{dtype: (step, state)}`` from `train_step`, timed interleaved.
     rounds: timed rounds.
-    cpu_rounds: timed steps of the CPU default (size ``cpu`` on ``jax.devices("cpu")[0]``).
+    cpu_rounds: timed rounds of the CPU default (size ``cpu`` on ``jax.devices("cpu")[0]``).
     same_machine: the device timed is that CPU itself.
 
   Returns:
     ``{dtype: {"steps_per_s", "frames_per_s", "vs_cpu_default"}, "cpu_default": {...}}``.
   """
-  times = training.interleaved_latency([(s, (st,)) for s, st in steps.values()],
+  times = training.interleaved_latency([(s, (st,)) for s, st in teacher_steps.values()],
                                        rounds=rounds, warmup=1, repeats=2)
   out = {}
-  for d, t in zip(steps, np.median(times, axis=0)):
+  for d, t in zip(teacher_steps, np.median(times, axis=0)):
     out[d] = {"steps_per_s": 1 / float(t), "frames_per_s": frames_per_step(plan) / float(t)}
   cpu_plan = plan_of("cpu")
   with jax.default_device(jax.devices("cpu")[0]):
     step, state = train_step(cpu_plan, cpu_plan.teacher,
                              engine.optimizer(cpu_plan.teacher_optimizer))
-    t = _seconds(step, state, rounds=cpu_rounds, repeats=1)
+    t = _seconds(step, state, rounds=cpu_rounds)  # timed as the device's steps
   out["cpu_default"] = {"frames_per_s": frames_per_step(cpu_plan) / t,
                         "steps_per_s": 1 / t, "same_machine": same_machine}
-  for d in steps:
+  for d in teacher_steps:
     out[d]["vs_cpu_default"] = out[d]["frames_per_s"] / out["cpu_default"]["frames_per_s"]
   out["target"] = SPEEDUP_TARGET
   return out
