@@ -228,8 +228,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def plot_pareto(records: Sequence[dict[str, Any]], path: str,
                 metric: str = "accuracy", context: str = "",
-                label: str | None = None) -> None:
+                label: str | None = None, lower_is_better: bool = False) -> None:
   """``metric`` against real packed bytes, the Pareto front joined by a line.
+
+  Rows aggregated over seeds (`aggregate`) are drawn with error bars of one standard
+  deviation (``<metric>_std``, ``bytes_std``).
 
   Args:
     records: rows with ``bytes`` and ``metric``.
@@ -237,14 +240,17 @@ def plot_pareto(records: Sequence[dict[str, Any]], path: str,
     metric: the record key on the y axis.
     context: the task and data, in the title.
     label: the y axis label (default: ``metric``).
+    lower_is_better: the metric is a cost (a loss in dB), so the front takes its lowest.
   """
   recs = [r for r in records if r.get("bytes") and r.get(metric) is not None]
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  sign = -1.0 if lower_is_better else 1.0
   pts = [(float(r["bytes"]), float(r[metric])) for r in recs]
   for (b, a), r in zip(pts, recs):
-    ax.scatter(b, a)
+    ax.errorbar(b, a, xerr=r.get("bytes_std") or None, yerr=r.get(f"{metric}_std") or None,
+                fmt="o", ms=4, capsize=2)
     ax.annotate(r["name"], (b, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
-  front = pareto_front(pts)
+  front = pareto_front([(b, sign * a) for b, a in pts])
   if front:
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=0.8,
             label="Pareto front")
@@ -309,8 +315,8 @@ def write_report(workdir: str, records: Sequence[dict[str, Any]],
                  columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS,
                  footer: str = "", header: Sequence[tuple[str, Any]] = (),
                  legend: dict[str, str] | None = None, context: str = "",
-                 finals: Sequence[str] | None = None, pareto_label: str | None = None
-                 ) -> None:
+                 finals: Sequence[str] | None = None, pareto_label: str | None = None,
+                 paretos: Sequence[tuple[str, str, bool]] = ()) -> None:
   """Writes ``metrics.json`` (all ``records``), ``results.md`` and plots to ``workdir``.
 
   Args:
@@ -330,6 +336,8 @@ def write_report(workdir: str, records: Sequence[dict[str, Any]],
     finals: the stages whose confusion matrices are drawn (``confusion_<name>.png``);
       default the last row. ``confusion.png`` is the last of them.
     pareto_label: the y axis of ``pareto.png`` (its metric is ``accuracy``).
+    paretos: more Pareto plots, ``(metric, label, lower_is_better)`` each, written as
+      ``pareto_<metric>.png``.
   """
   write_json(os.path.join(workdir, "metrics.json"), list(records))
   records = list(records if table is None else table)
@@ -347,6 +355,10 @@ def write_report(workdir: str, records: Sequence[dict[str, Any]],
     plot_accuracy(records, os.path.join(workdir, "accuracy_vs_snr.png"), context)
   plot_pareto(records, os.path.join(workdir, "pareto.png"), context=context,
               label=pareto_label)
+  for metric, label, lower in paretos:
+    if any(r.get(metric) is not None for r in records):
+      plot_pareto(records, os.path.join(workdir, f"pareto_{_slug(metric)}.png"), metric,
+                  context, label, lower)
   by_name = {r["name"]: r for r in records}
   names = list(finals) if finals else [records[-1]["name"]] if records else []
   drawn = [by_name[n] for n in names if by_name.get(n, {}).get("confusion") is not None]

@@ -76,13 +76,14 @@ def dequantize(tree: Any) -> Any:
       tree, is_leaf=_is_q)
 
 
-def to_integers(params: Any, spec: quantizers.Spec, where: selection.Where | None = None,
+def to_integers(params: Any, spec: "quantizers.Spec | quantizers.PerPath",
+                where: selection.Where | None = None,
                 grids: dict[str, quantizers.Grid] | None = None) -> Any:
   """The selected leaves of ``params`` as `QTensor` codes on their grid under ``spec``.
 
   Args:
     params: params whose selected leaves are on ``spec``'s grid (a QAT or PTQ stage).
-    spec: their quantizer.
+    spec: their quantizer, or a per-path spec (``path -> Spec | None``; None: float).
     where: which leaves (default: Dense/Conv kernels).
     grids: path -> the grid to use instead of the leaf's own (``grid_of``); `serve` passes
       the grids of the unmaterialized kernels, which removing units can change.
@@ -91,29 +92,30 @@ def to_integers(params: Any, spec: quantizers.Spec, where: selection.Where | Non
     ``params`` with `QTensor` leaves; ``dequantize`` of it gives the quantized values.
   """
   flags = selection.select(params, where)
-  dtype = jnp.int8 if spec.bits <= 8 else jnp.int16
 
   def leaf(path, x, on):
-    if not on:
-      return x
     p = selection.path_str(path)
+    s = quantizers.spec_at(spec, p) if on else None
+    if s is None:
+      return x
     grid = (grids or {}).get(p)
     if grid is None:
-      grid = quantizers.grid_of(x, spec)
-    codes = quantizers.to_codes(x, spec, grid)
-    return QTensor(codes.astype(dtype), jnp.asarray(grid.scale, jnp.float32),
+      grid = quantizers.grid_of(x, s)
+    codes = quantizers.to_codes(x, s, grid)
+    return QTensor(codes.astype(jnp.int8 if s.bits <= 8 else jnp.int16),
+                   jnp.asarray(grid.scale, jnp.float32),
                    jnp.asarray(grid.zero_point, jnp.float32))
   return jax.tree_util.tree_map_with_path(leaf, params, flags)
 
 
-def _kernel_grids(params: Any, spec: quantizers.Spec, where) -> dict[str, quantizers.Grid]:
-  paths = selection.selected_paths(params, where)
+def _kernel_grids(params: Any, spec, where) -> dict[str, quantizers.Grid]:
   flat = {selection.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
-  return {p: quantizers.grid_of(flat[p], spec) for p in paths}
+  specs = {p: quantizers.spec_at(spec, p) for p in selection.selected_paths(params, where)}
+  return {p: quantizers.grid_of(flat[p], s) for p, s in specs.items() if s is not None}
 
 
 def _carry_grids(old: dict[str, quantizers.Grid], new_params: Any,
-                 old_params: Any, spec: quantizers.Spec) -> dict[str, quantizers.Grid]:
+                 old_params: Any, spec) -> dict[str, quantizers.Grid]:
   """Grids for the materialized kernels: a kernel that lost units keeps its grid per tensor,
   and per channel when its channel axis kept its length (only rows or heads went, whose
   values may have set a channel's range); a kernel that lost channels gets each remaining
@@ -122,10 +124,9 @@ def _carry_grids(old: dict[str, quantizers.Grid], new_params: Any,
   old_flat = {selection.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(old_params)}
   out = {}
   for p, g in old.items():
+    s = quantizers.spec_at(spec, p)
     a, b = np.shape(old_flat[p]), np.shape(new_flat.get(p, ()))
-    if a == b or spec.granularity == "tensor":
-      out[p] = g
-    elif a[spec.axis] == b[spec.axis]:
+    if a == b or s.granularity == "tensor" or a[s.axis] == b[s.axis]:
       out[p] = g
   return out
 
@@ -155,7 +156,7 @@ def _zero_fraction(params: Any) -> float:
 
 
 def serve(model_fn: Callable[[Any], Any], config: Any, params: Any,
-          spec: quantizers.Spec | None = None,
+          spec: "quantizers.Spec | quantizers.PerPath | None" = None,
           config_from_params: Callable[[Any, Any], Any] | None = None,
           activation: Callable[[Any], Any] | None = jax.nn.gelu,
           where: selection.Where | None = None) -> Served:
@@ -165,7 +166,8 @@ def serve(model_fn: Callable[[Any], Any], config: Any, params: Any,
     model_fn: ``config -> flax Module`` (e.g. ``iq_transformer.IQTransformer``).
     config: the architecture ``params`` belong to.
     params: the stage's params (``"params"`` collection contents).
-    spec: the quantizer its kernels lie on, or None for float kernels.
+    spec: the quantizer its kernels lie on, a per-path spec (mixed precision: ``path ->
+      Spec | None``), or None for float kernels.
     config_from_params: ``(config, params) -> config`` reading the architecture back from a
       materialized tree; None serves the tree unmaterialized.
     activation: the hidden activation `pruning.materialize` folds dead units' constant
@@ -191,7 +193,10 @@ def serve(model_fn: Callable[[Any], Any], config: Any, params: Any,
     if served is not host:
       grids = _carry_grids(grids, served, host, spec)
     served = to_integers(served, spec, where, grids)
-    notes.append(f"int{8 if spec.bits <= 8 else 16} codes ({spec.bits}-bit grid) "
-                 f"dequantized in jit")
+    bits = sorted({t.codes.dtype.itemsize * 8 for t in jax.tree.leaves(served, is_leaf=_is_q)
+                   if _is_q(t)})
+    grid = (f"{spec.bits}-bit grid" if isinstance(spec, quantizers.Spec) else
+            "per-layer grids")
+    notes.append(f"int{'/'.join(map(str, bits))} codes ({grid}) dequantized in jit")
   return Served(_jitted_apply(model_fn, cfg), {"params": served}, cfg,
                 "; ".join(notes) or "dense float32")

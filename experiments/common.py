@@ -138,6 +138,17 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       steps=3 * stage_steps,
       learning_rate=3e-4,
   ))
+  # "budget:N" compresses the teacher to 1/N of its float32 bytes with per-layer bits and
+  # sparsity (compressjax/allocation.py: measured sensitivity, exact knapsack), then
+  # fine-tunes it with QAT and KD; "budget:Nu" uses the best single setting for every
+  # layer within the same budget instead (the control).
+  c.budget = ml_collections.ConfigDict(dict(
+      steps=stage_steps,
+      learning_rate=3e-4,
+      bits=(2, 4, 8) if tiny else (2, 3, 4, 6, 8),        # a layer's candidate bit widths
+      sparsities=(0.0, 0.5) if tiny else (0.0, 0.25, 0.5, 0.75),  # ... and sparsities
+      sensitivity_batches=1 if tiny else 4,   # simulated batches the sensitivity averages
+  ))
   # Every stage and the classical references are measured on the same frames: at each
   # Es/N0 point, frames_per_point frames per task (the 95% intervals count frames).
   c.eval = ml_collections.ConfigDict(dict(

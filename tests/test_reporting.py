@@ -7,6 +7,12 @@ import pytest
 from compressjax import reporting
 
 
+def test_pareto_front_of_a_cost_is_the_front_of_its_negation():
+  # (bytes, dB loss): lower loss is better; (50, 0.9) is beaten by (40, 0.5).
+  pts = [(100.0, 0.1), (50.0, 0.9), (40.0, 0.5), (10.0, 2.0)]
+  assert reporting.pareto_front([(b, -l) for b, l in pts]) == [3, 2, 0]
+
+
 def test_pareto_front_hand_computed():
   # (bytes, accuracy): point 2 is dominated by point 1 (smaller and more accurate).
   pts = [(100.0, 0.9), (50.0, 0.8), (60.0, 0.7), (10.0, 0.5), (10.0, 0.4)]
@@ -30,10 +36,13 @@ def test_write_report_writes_json_table_and_plots(tmp_path):
       {"name": "int8", "accuracy": 0.89, "bytes": 1000, "confusion": [[4, 2], [1, 3]],
        "ser": {"snr_db": [0, 10], "model": [0.31, 0.02]}},
   ]
-  reporting.write_report(str(tmp_path), records, class_names=["a", "b"], title="t")
+  records[1].update(loss_db=0.4, loss_db_std=0.1, bytes_std=20.0)
+  reporting.write_report(str(tmp_path), records, class_names=["a", "b"], title="t",
+                         paretos=[("loss_db", "loss dB", True), ("absent", "none", False)])
   assert json.loads((tmp_path / "metrics.json").read_text())[1]["name"] == "int8"
   assert "| int8 | 0.8900 |" in (tmp_path / "results.md").read_text()
-  for png in ("ser_vs_snr.png", "pareto.png", "confusion.png"):
+  assert not (tmp_path / "pareto_absent.png").exists()
+  for png in ("ser_vs_snr.png", "pareto.png", "confusion.png", "pareto_loss_db.png"):
     assert os.path.getsize(tmp_path / png) > 1000
 
 

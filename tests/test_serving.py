@@ -114,3 +114,21 @@ def test_composite_masks_are_carried_and_rebuilt(setup):
   merged = stages.carried_masks(state)
   np.testing.assert_array_equal(merged["block_1"]["mlp"]["fc1"]["kernel"],
                                 masks["block_1"]["mlp"]["fc1"]["kernel"])
+
+
+def test_mixed_precision_serves_each_layer_on_its_own_grid(setup):
+  params, x = setup
+  specs = {"block_0/mlp/fc1/kernel": quantization.Spec(2), "embed/kernel": None,
+           "block_1/attn/query/kernel": quantization.Spec(4, granularity="tensor")}
+  spec = lambda path: specs.get(path, quantization.Spec(8))
+  fq = quantization.quantize_tree(params, spec)
+  s = serving.serve(iq_transformer.IQTransformer, _CFG, fq, spec)
+  p = s.variables["params"]
+  assert not isinstance(p["embed"]["kernel"], serving.QTensor)   # left float
+  fc1 = p["block_0"]["mlp"]["fc1"]["kernel"]
+  assert len(np.unique(np.asarray(fc1.codes))) <= 3             # 2 bits: -1, 0, 1
+  assert np.asarray(p["block_1"]["attn"]["query"]["kernel"].scale).size == 1
+  for a, b in zip(jax.tree.leaves(serving.dequantize(p)), jax.tree.leaves(fq)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert "per-layer grids" in s.form
+  _close(_outputs(s.apply, s.variables, x), _reference(fq, x), 1e-5)

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from compressjax import allocation
 from compressjax import distillation
 from compressjax import quantization
 from compressjax import reporting
@@ -65,11 +66,12 @@ from compressjax.stages import compose
 from compressjax.stages import prune_plan
 from compressjax.stages import PrunePlan
 from compressjax.studies import engine
+from compressjax.studies import wireless_budget as wb
 from compressjax.studies import wireless_measure as wm
 from compressjax.studies.wireless_measure import EvalPlan
 from compressjax.training import parallel
 
-STAGES = ("prune", "quantize", "distill", "finetune")
+STAGES = ("prune", "quantize", "distill", "finetune", "budget")
 DISTILL_STUDENTS = ("inherit", "small")
 PRUNE_OPTIONS = ("structured",)   # prune:structured removes whole heads and MLP units
 _SHOW = ("ser_top", "accuracy", "nmse_db", "bytes")  # in the "stage done" console line
@@ -101,6 +103,7 @@ class StagePlan(NamedTuple):
       own, in order): the wrappers its optimizer stacks.
     prune: the pipeline's prune settings (the config's ``prune`` block; ``prune:structured``
       prunes whole heads and MLP units, `stages.COMPOSITE`'s ``"head+neuron"``).
+    budget: a ``budget`` stage's target (`wireless_budget.BudgetPlan`), else None.
   """
   kind: str
   option: str | None
@@ -114,6 +117,7 @@ class StagePlan(NamedTuple):
   kd: bool
   constraints: tuple[str, ...]
   prune: PrunePlan
+  budget: wb.BudgetPlan | None = None
 
 
 class Plan(NamedTuple):
@@ -185,6 +189,8 @@ def _parse(text: str, field: str) -> tuple[tuple[str, str | None], ...]:
       if option not in DISTILL_STUDENTS:
         raise ValueError(f"{field}: distill student must be one of {DISTILL_STUDENTS}, "
                          f"got {option!r}")
+    elif kind == "budget":
+      wb.parse(option, field)
     elif kind == "prune" and option:
       if option not in PRUNE_OPTIONS:
         raise ValueError(f"{field}: prune option must be one of {PRUNE_OPTIONS}, got "
@@ -207,6 +213,10 @@ def _pipeline(stages: tuple[tuple[str, str | None], ...], config: Any,
          "at most one prune and one quantize stage")
   if ("prune", "structured") in stages:
     prune = prune._replace(structure="head+neuron")
+  kinds = [k for k, _ in stages]
+  _check("budget" not in kinds[:-1] and (kinds.count("budget") == 0 or len(kinds) == 1),
+         field, ",".join(kinds), "a budget stage alone (it allocates, applies and fine-tunes "
+         "the teacher with QAT and KD in one stage)")
   for i, (kind, option) in enumerate(stages):
     c = config[kind]
     steps = c.steps
@@ -225,8 +235,10 @@ def _pipeline(stages: tuple[tuple[str, str | None], ...], config: Any,
         kind=kind, option=option, dirname=dirname,
         label=dirname + (f":{option}" if option else ""),
         prefix=",".join(f"{k}:{o or ''}" for k, o in stages[:i + 1]), steps=steps,
-        optimizer=opt, model=model, from_init=from_init, kd=kind == "distill",
-        constraints=constraints, prune=prune))
+        optimizer=opt, model=model, from_init=from_init, kd=kind in ("distill", "budget"),
+        constraints=constraints, prune=prune,
+        budget=wb.parse(option, field, *wb.check(config.budget)) if kind == "budget"
+        else None))
   return tuple(plans)
 
 
@@ -316,6 +328,7 @@ def validate(config: Any) -> Plan:
     _check(len(stages) > 0, f"pipelines.{name}", text, f"at least one stage of {STAGES}")
     pipelines[name] = _pipeline(stages, config, teacher, student, teacher_optimizer, prune,
                                 f"pipelines.{name}")
+  _check_budgets(pipelines, teacher)
   return Plan(
       channel=channel, teacher=teacher, student=student, seeds=seeds,
       train=train,
@@ -325,6 +338,21 @@ def validate(config: Any) -> Plan:
       eval=EvalPlan(tuple(float(p) for p in points), e.frames_per_point, e.batch_size,
                     e.latency_batch, e.latency_repeats, float(e.high_snr_db)),
       compare=compare, size=str(config.get("size", "-")))
+
+
+def _check_budgets(pipelines: dict[str, tuple[StagePlan, ...]],
+                   teacher: iq_transformer.IQTransformerConfig) -> None:
+  """Every budget stage's budget is at least the smallest export its choices allow."""
+  targets = {name: st[0].budget for name, st in pipelines.items() if st[0].budget}
+  if not targets:
+    return
+  shapes = jax.eval_shape(lambda: iq_transformer.init_params(teacher, jax.random.key(0)))
+  fp32 = wm.float_nbytes(jax.tree.map(lambda x: np.ones(x.shape, x.dtype), shapes))
+  for name, b in targets.items():
+    least = wb.smallest(wb.costs(teacher, b.choices))
+    _check(fp32 / b.denominator >= least, f"pipelines.{name}", f"budget:{b.denominator:g}"
+           + ("u" if b.uniform else ""), f"a budget of at least the smallest export, "
+           f"{least:,} bytes (1/{fp32 / least:.1f} of the teacher's {fp32:,} float32 bytes)")
 
 
 # ------------------------------------------------------------------------------- the run
@@ -399,16 +427,17 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
       rec = {**rec, "accuracy_curve": {**rec["accuracy_curve"], **refs["accuracy"]}}
     return rec
 
-  def measured(d, label, result, model_cfg, quantized):
+  def measured(d, label, result, model_cfg, spec, where=None, extra=None):
     return with_refs(engine.record(d, label, lambda: {**wm.measure(
-        plan.eval, plan.channel, model_cfg, result.variables, eval_batches,
-        plan.spec if quantized else None),
-        "nonfinite_steps": engine.nonfinite_steps(result.history)}, _SHOW))
+        plan.eval, plan.channel, model_cfg, result.variables, eval_batches, spec, where),
+        "nonfinite_steps": engine.nonfinite_steps(result.history), **(extra or {})}, _SHOW))
 
-  records = [[measured(d, "teacher", r, plan.teacher, False)]
+  records = [[measured(d, "teacher", r, plan.teacher, None)]
              for d, r in zip(teacher_dirs, done_teachers)]
-  # (architecture, params per seed, quantized) of every row, for its served form's timing.
-  timed = [(plan.teacher, teachers, False)]
+  # (architecture, params per seed, (spec, where) per seed) of every row, for its served
+  # form's timing.
+  timed = [(plan.teacher, teachers, [(None, None)] * len(seeds))]
+  budget_sens = {}   # seed index -> the teacher's layer sensitivities (budget stages)
   # A stage is run once per distinct prefix of stages: "prune" is the first stage of
   # "prune,quantize,distill" too, and its row is shared (its randomness comes from the
   # prefix, not the pipeline's name).
@@ -420,10 +449,10 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
     for stage in stages:
       label = f"{name}/{stage.label}"
       if stage.prefix in done:
-        params, masks, recs = done[stage.prefix]
+        params, masks, recs, specs = done[stage.prefix]
         for rec, r in zip(records, recs):
           rec.append({**r, "name": label, "same_as": r["name"]})
-        timed.append((stage.model, params, "quantize" in stage.constraints))
+        timed.append((stage.model, params, specs))
         continue
       rel = os.path.join(name, stage.dirname)
       stage_dirs = [os.path.join(r, rel) for r in roots]
@@ -435,7 +464,23 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
         masks = [None] * len(seeds)   # another architecture: its own masks at step 0
       fresh = stage.kind if stage.kind in ("prune", "quantize") else None
       start = params
-      if stage.optimizer is None:   # post-training quantization of the running model
+      quantized = "quantize" in stage.constraints
+      specs = [(plan.spec if quantized else None, None)] * len(seeds)
+      extras = [None] * len(seeds)
+      if stage.kind == "budget":
+        bplans = [_budget_plan(plan, stage, start[j], records[j][0]["bytes"], j, stage_keys[j],
+                               budget_sens) for j in range(len(seeds))]
+        specs = [(bp.spec, bp.selects) for bp, _ in bplans]
+        extras = [wb.summary(bp, budget) for bp, budget in bplans]
+        opt = engine.optimizer(stage.optimizer)
+        # Each seed's plan has its own bit widths (static): the seeds train one by one.
+        run = lambda start=start, stage=stage, bplans=bplans, keys_i=keys_i, rel=rel, \
+            label=label, opt=opt: [_train(
+                plan, f"seed {seeds[j]} {label}", stage.model,
+                [allocation.apply(start[j], bp)], [wb.optimizer(opt, bp)], stage.steps,
+                [keys_i[j]], os.path.join(roots[j], rel, "ckpt"), [teachers[j]])[0]
+                for j, (bp, _) in enumerate(bplans)]
+      elif stage.optimizer is None:   # post-training quantization of the running model
         run = lambda start=start, stage=stage, masks=masks: [engine.Trained(
             jax.device_get(quantization.quantize_tree(_start_on_constraints(
                 p, stage.constraints[:-1], stage.prune, plan.spec, m), plan.spec)),
@@ -456,17 +501,16 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
       params = [r.variables for r in results]
       if stage.kind == "prune":
         masks = [r.masks for r in results]
-      quantized = "quantize" in stage.constraints
-      for rec, d, r in zip(records, stage_dirs, results):
-        rec.append(measured(d, label, r, stage.model, quantized))
-      done[stage.prefix] = (params, masks, [rec[-1] for rec in records])
-      timed.append((stage.model, params, quantized))
+      for rec, d, r, (spec, where), extra in zip(records, stage_dirs, results, specs, extras):
+        rec.append(measured(d, label, r, stage.model, spec, where, extra))
+      done[stage.prefix] = (params, masks, [rec[-1] for rec in records], specs)
+      timed.append((stage.model, params, specs))
   # Every row's served form, timed with the teacher in the same rounds, at the eval batch
   # and at eval.latency_batch frames.
   samples = {"latency": wm.latency_sample(plan.eval, eval_batches),
              "latency1": wm.latency_sample(plan.eval, eval_batches, plan.eval.latency_batch)}
   for j, recs in enumerate(records):
-    served = [wm.served(m, ps[j], plan.spec if q else None) for m, ps, q in timed]
+    served = [wm.served(m, ps[j], *sw[j]) for m, ps, sw in timed]
     for key, sample in samples.items():
       engine.time_rows(recs, [(s.apply, s.variables) for s in served], sample,
                        plan.eval.latency_repeats, key)
@@ -474,6 +518,24 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
     for r in recs:
       r["seed"] = seed
   return [r for recs in records for r in recs]
+
+
+def _budget_plan(plan: Plan, stage: StagePlan, params: Any, teacher_bytes: int, j: int,
+                 key: Any, cache: dict) -> tuple[Any, int]:
+  """A budget stage's `allocation.Plan` for one seed, and its budget in bytes.
+
+  The sensitivities are measured once per seed (every budget stage starts from the
+  teacher) on `wireless_budget.SENSITIVITY_BATCHES` simulated training batches.
+  """
+  if j not in cache:
+    fwd = training.multitask_forward(_model(stage.model).apply)
+    data_fn = training.multitask_data_fn(plan.channel, plan.train.batch_size, plan.tasks)
+    b = stage.budget
+    cache[j] = (wb.costs(stage.model, b.choices), wb.sensitivity(
+        params, b, fwd, data_fn, jax.random.fold_in(key, 7), plan.task_weights))
+  costs, sens = cache[j]
+  budget = int(teacher_bytes / stage.budget.denominator)
+  return wb.choose(costs, sens, budget, stage.budget.uniform), budget
 
 
 def _start_on_constraints(params, kinds, prune, spec, masks=None):
@@ -497,6 +559,9 @@ def _header(plan: Plan) -> list[tuple[str, Any]]:
                       f"{ch.profile} profile, {ch.seq_len} samples per frame, "
                       f"{ch.num_pilots}-symbol preamble"),
           ("training Es/N0", f"{ch.snr_db} dB"),
+          ("ADC", "none (ideal samples)" if not ch.adc_bits else
+                  f"{ch.adc_bits} bits per I and Q, AGC to the frame's RMS, clipped at "
+                  f"{ch.effective_adc_clip:.3g} x RMS"),
           ("evaluated at", f"Es/N0 = {e.snr_points[0]:g} to {e.snr_points[-1]:g} dB, "
                            f"{len(e.snr_points)} points, {e.frames_per_point} frames per task "
                            f"per point"),
@@ -525,6 +590,8 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   teacher_bytes = {r["seed"]: r["bytes"] for r in records if r["name"] == "teacher"}
   for r in records:
     r["compression"] = teacher_bytes[r["seed"]] / r["bytes"]
+    if r.get("bytes_entropy"):
+      r["compression_entropy"] = teacher_bytes[r["seed"]] / r["bytes_entropy"]
   wm.add_losses(records)
   table = (reporting.aggregate(records, wm.COLUMNS) if len(seeds) > 1 else
            [dict(r) for r in records])
@@ -542,9 +609,11 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
                       class_names=list(ch.modulations),
                       title=f"compressjax: seeds {seeds}",
                       footer=wm.footer(plan.eval, refs, records, table, plan.compare,
-                                       final_rows),
+                                       final_rows) + wb.footer(records),
                       header=_header(plan), legend=wm.legend(plan.eval),
                       context=f"{ch.modulation}, {ch.profile} channel, {ch.seq_len} samples",
                       finals=["teacher"] + list(final_rows.values()),
-                      pareto_label="modulation accuracy")
+                      pareto_label="modulation accuracy",
+                      paretos=[(f"loss_db_{t:.0e}", f"loss in dB at SER {t:g} against the "
+                                f"teacher", True) for t in wm.SER_TARGETS])
   return records

@@ -70,16 +70,17 @@ def _predict(model_cfg: Any) -> Any:
 
 
 def served(model_cfg: iq_transformer.IQTransformerConfig, params: Any,
-           spec: quantization.Spec | None = None) -> serving.Served:
+           spec: Any = None, where: Any = None) -> serving.Served:
   """A stage's served form (`serving.serve`): structured pruning materialized, quantized
-  kernels as integer codes dequantized in the jitted apply (one compile per architecture)."""
+  leaves (``where``, default the kernels; ``spec`` a `Spec` or per-path) as integer codes
+  dequantized in the jitted apply (one compile per architecture)."""
   return serving.serve(iq_transformer.IQTransformer, model_cfg, params, spec,
-                       config_from_params=iq_transformer.config_from_params)
+                       config_from_params=iq_transformer.config_from_params, where=where)
 
 
 def measure(e: EvalPlan, channel: ChannelConfig, model_cfg: iq_transformer.IQTransformerConfig,
-            params: Any, eval_batches: list,
-            spec: quantization.Spec | None = None) -> dict[str, Any]:
+            params: Any, eval_batches: list, spec: Any = None,
+            where: Any = None) -> dict[str, Any]:
   """Every metric of one model on the fixed evaluation batches (the same code for all).
 
   Args:
@@ -88,8 +89,9 @@ def measure(e: EvalPlan, channel: ChannelConfig, model_cfg: iq_transformer.IQTra
     model_cfg: the model's architecture.
     params: its params.
     eval_batches: `evaluation_set`'s batches.
-    spec: the quantizer its weights lie on (bytes of the quantized export), or None
-      for a float model.
+    spec: the quantizer its weights lie on (bytes of the quantized export): a `Spec`, a
+      per-path spec (a budget stage's mixed precision), or None for a float model.
+    where: the leaves ``spec`` covers (default: the kernels).
 
   Returns:
     The stage's metrics record.
@@ -99,16 +101,18 @@ def measure(e: EvalPlan, channel: ChannelConfig, model_cfg: iq_transformer.IQTra
   ev = training.evaluate(predict, {"params": params}, eval_batches,
                          modulation=channel.modulation,
                          num_classes=len(channel.modulations), snr_edges=edges)
-  nbytes = ((lambda p: quantization.nbytes(quantization.export(p, spec)))
-            if spec is not None else float_nbytes)
+  packed = quantization.export(params, spec, where=where)
   counts = training.param_counts(params)
   # Latency is timed for every row of a seed together, interleaved (`engine.time_rows`).
-  sv = served(model_cfg, params, spec)
+  sv = served(model_cfg, params, spec, where)
   rec = {"params_total": counts["params"], "params_nonzero": counts["nonzero"],
-         "bytes": training.packed_bytes(params, nbytes),
+         "bytes": quantization.nbytes(packed),
+         "bytes_entropy": quantization.encoded_nbytes(packed),
          "flops": training.flops(sv.apply, sv.variables, latency_sample(e, eval_batches, 1)),
          "served": sv.form,
-         "sparsity": _kernel_sparsity(params), "bits": spec.bits if spec is not None else 32}
+         "sparsity": _kernel_sparsity(params),
+         "bits": 32 if spec is None else spec.bits if isinstance(spec, quantization.Spec)
+         else "per layer"}
   if "modulation" in ev:
     m = ev["modulation"]
     by_snr = m["accuracy_by_snr"]
@@ -219,6 +223,8 @@ COLUMNS = (
     ("params_nonzero", "non-zero", "{:,.0f}"),
     ("bytes", "bytes", "{:,.0f}"),
     ("compression", "x smaller", "{:.2f}"),
+    ("bytes_entropy", "bytes (entropy-coded)", "{:,.0f}"),
+    ("compression_entropy", "x smaller (entropy)", "{:.2f}"),
     ("flops", "FLOPs / frame", "{:.3g}"),
     ("latency_ms", "latency ms", "{:.3f}"),
     ("latency_text", "latency / teacher", "{}"),
@@ -253,6 +259,10 @@ def legend(e: "EvalPlan") -> dict[str, str]:
                "scales, the rest float32; sparse tensors as a bitmask plus the non-zero "
                "values",
       "compression": "the teacher's bytes / the stage's bytes",
+      "bytes_entropy": "bytes of the same export entropy-coded (quantization.encode: rANS "
+                       "over the integer codes and the sparsity mask, names included)",
+      "compression_entropy": "the teacher's (plain) bytes / the stage's entropy-coded "
+                             "bytes",
       "flops": "XLA's FLOP count of one forward pass of the served model on one frame "
                "(removed heads and MLP units are not counted; zeros in dense kernels are)",
       "latency_ms": f"median wall time of one jitted forward pass of the served model on "

@@ -1,0 +1,169 @@
+"""The wireless study's ``budget`` stage: per-layer bits and sparsity under a byte budget.
+
+``budget:12`` compresses the running model to at most 1/12 of the teacher's float32 export
+bytes: `compressjax.allocation` measures every layer's exported bytes under every `CHOICES`
+entry (an upper bound that holds after fine-tuning) and the loss increase of each layer
+under each (the others float, on a fixed simulated batch), and picks one choice per layer
+by the exact knapsack (the candidates are the config's ``budget.bits`` x
+``budget.sparsities``, per output channel, or float). ``budget:12u`` is its control: the one choice for every layer that
+fits the same budget at the least summed loss increase (the best uniform setting). Either
+plan is then applied (magnitude pruning, quantization) and fine-tuned with QAT and KD from
+the float teacher, the masks and per-layer grids kept by `optimizer`.
+
+The layers given a choice are every leaf with two or more dimensions: the Dense kernels,
+the learned positions and the per-head q/k/v biases; the 1-D biases and LayerNorm
+parameters stay float32 (their bytes are the budget's fixed part).
+"""
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+
+from compressjax import allocation
+from compressjax import pruning
+from compressjax import quantization
+from compressjax import selection
+from compressjax import training
+from compressjax.models import iq_transformer
+
+class BudgetPlan(NamedTuple):
+  """A budget stage's target (the stage option ``"<denominator>[u]"``, resolved).
+
+  Attributes:
+    denominator: the budget is the teacher's float32 export bytes / this.
+    uniform: one choice for every layer (the control) instead of the allocated plan.
+    choices: the candidate settings of a layer.
+    batches: simulated training batches the sensitivity loss averages over.
+  """
+  denominator: float
+  uniform: bool
+  choices: tuple[allocation.Choice, ...] = allocation.candidates()
+  batches: int = 4
+
+
+def check(block: Any) -> tuple[tuple[allocation.Choice, ...], int]:
+  """The config's ``budget`` block: its candidate choices and sensitivity batches."""
+  try:
+    choices = allocation.candidates(tuple(block.bits), tuple(block.sparsities))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"budget.bits / budget.sparsities: {e}") from None
+  n = block.sensitivity_batches
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"budget.sensitivity_batches must be an int >= 1, got {n!r}")
+  return choices, n
+
+
+def parse(option: str | None, field: str, choices=None, batches: int = 4) -> BudgetPlan:
+  """``"12"`` -> 1/12, allocated; ``"12u"`` -> 1/12, uniform; errors name ``field``."""
+  text = option or ""
+  uniform = text.endswith("u")
+  try:
+    value = float(text[:-1] if uniform else text)
+  except ValueError:
+    value = float("nan")
+  if not (math.isfinite(value) and value > 1):
+    raise ValueError(f"{field}: budget stage must be 'budget:<N>' or 'budget:<N>u' with N > 1 "
+                     f"(the budget is 1/N of the teacher's float32 bytes; 'u': the best "
+                     f"uniform setting), got {'budget:' + text!r}")
+  return BudgetPlan(value, uniform, choices or allocation.candidates(), batches)
+
+
+def where(params: Any) -> selection.Where:
+  """The leaves a plan covers: those with two or more dimensions."""
+  paths = frozenset(selection.path_str(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
+                    if np.ndim(x) >= 2)
+  return lambda path: path in paths
+
+
+def costs(model: Any, choices: tuple[allocation.Choice, ...]) -> allocation.Costs:
+  """Every covered layer's bytes under every choice, for an IQ-transformer config.
+
+  Upper bounds (every weight a choice keeps counted as non-zero), which depend on the
+  shapes alone: measured once per architecture by exporting stand-in weights, and shared
+  by the check before any work and by every seed's plan.
+  """
+  return _costs(model, tuple(choices))
+
+
+@functools.lru_cache(maxsize=8)
+def _costs(model: Any, choices: tuple[allocation.Choice, ...]) -> allocation.Costs:
+  shapes = jax.eval_shape(lambda: iq_transformer.init_params(model, jax.random.key(0)))
+  ones = jax.tree.map(lambda x: np.ones(x.shape, x.dtype), shapes)
+  return allocation.layer_costs(ones, choices, where(ones), upper_bound=True)
+
+
+def smallest(c: allocation.Costs) -> int:
+  """The fewest bytes any plan over these costs exports."""
+  return int(c.fixed + c.bytes.min(axis=1).sum())
+
+
+def sensitivity(params: Any, b: BudgetPlan, forward, data_fn, key, weights) -> np.ndarray:
+  """Each covered layer's task-loss increase under each choice, on fixed simulated batches."""
+  batches = [data_fn(k) for k in jax.random.split(key, b.batches)]
+
+  def loss(p):
+    return sum(training.task_losses(forward({"params": p}, b, train=False, rngs=None), b,
+                                    weights)[0] for b in batches) / len(batches)
+  return allocation.sensitivity(loss, params, b.choices, where(params))
+
+
+def choose(c: allocation.Costs, sens: np.ndarray, budget_bytes: int,
+           uniform: bool) -> allocation.Plan:
+  """The allocated plan within ``budget_bytes``, or the best uniform one (``uniform``)."""
+  if not uniform:
+    return allocation.allocate(c, sens, budget_bytes)
+  fits = [allocation.uniform(c, ch, sens) for ch in c.choices]
+  fits = [p for p in fits if p.bytes <= budget_bytes]
+  if not fits:
+    least = min(allocation.uniform(c, ch).bytes for ch in c.choices)
+    raise ValueError(f"budget_bytes must be at least {least} for a uniform plan, got "
+                     f"{budget_bytes}")
+  return min(fits, key=lambda p: (p.loss, p.bytes))
+
+
+def optimizer(inner: optax.GradientTransformation, plan: allocation.Plan
+              ) -> optax.GradientTransformation:
+  """Fine-tuning that keeps the plan: its masks (pruned latents stay 0) and each layer's grid.
+
+  The masks are re-derived at step 0 by magnitude at each layer's sparsity, which finds the
+  plan's own zeros: `allocation.apply` pruned by the same magnitude ranking.
+  """
+  pruned = [p for p, ch in zip(plan.paths, plan.choices) if ch.sparsity > 0]
+  tx = inner
+  if pruned:
+    tx = pruning.wrap(tx, plan.sparsity, where=frozenset(pruned).__contains__,
+                      schedule=pruning.one_shot(0))
+  if any(ch.bits is not None for ch in plan.choices):
+    tx = quantization.wrap(tx, plan.spec, where=plan.selects)
+  return tx
+
+
+def summary(plan: allocation.Plan, budget_bytes: int) -> dict[str, Any]:
+  """The record fields of a plan: the budget, the predicted bytes, the per-layer table."""
+  return {"budget_bytes": int(budget_bytes), "plan_bytes": int(plan.bytes),
+          "plan_loss": plan.loss, "allocation": allocation.table(plan)}
+
+
+def footer(records: list[dict[str, Any]]) -> str:
+  """results.md's budget section: each budget row's per-layer plan (its first seed's)."""
+  lines = []
+  seen = set()
+  for r in records:
+    if "allocation" not in r or r["name"] in seen or r.get("same_as"):
+      continue
+    seen.add(r["name"])
+    lines += ["", f"Plan of {r['name']} (seed {r.get('seed', 0)}): budget "
+              f"{r['budget_bytes']:,} bytes, plan at most {r['plan_bytes']:,}, exported "
+              f"{r['bytes']:,} ({r['bytes_entropy']:,} entropy-coded); predicted loss "
+              f"increase {r['plan_loss']:.4f}.", "",
+              "| layer | bits | sparsity | bytes (at most) | loss increase alone |",
+              "|---|---|---|---|---|"]
+    for row in r["allocation"]:
+      bits = "float32" if row["bits"] is None else f"{row['bits']} ({row['granularity']})"
+      lines.append(f"| {row['path']} | {bits} | {row['sparsity']:.2f} | {row['bytes']:,} | "
+                   f"{row['loss']:+.4f} |")
+  return "\n".join(lines) + ("\n" if lines else "")

@@ -1,0 +1,67 @@
+"""The wireless study's budget stage: allocated and uniform plans within the byte budget."""
+
+import numpy as np
+import pytest
+
+from compressjax import allocation
+from compressjax.studies import wireless
+from compressjax.studies import wireless_budget as wb
+from experiments import budget
+from tests import helpers
+
+
+def _config(**pipelines):
+  c = budget.get_config("tiny")
+  for name in list(c.pipelines):
+    del c.pipelines[name]
+  for name, text in pipelines.items():
+    c.pipelines[name] = text
+  helpers.set_fields(c, {"budget.steps": 4, "eval.snr_points": (10.0, 30.0)})
+  return c
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+  c = _config(**{"A/6": "budget:6"})
+  return {r["name"]: r for r in wireless.run(c, str(tmp_path_factory.mktemp("budget")))}
+
+
+def test_the_fine_tuned_plan_exports_within_the_budget(records):
+  a, teacher = records["A/6/1_budget:6"], records["teacher"]
+  assert a["budget_bytes"] == int(teacher["bytes"] / 6)
+  # The plan's bound holds for the fine-tuned export, measured on it.
+  assert a["bytes"] <= a["plan_bytes"] <= a["budget_bytes"]
+  assert a["compression"] >= 6.0
+  assert a["bytes_entropy"] < a["bytes"]
+  assert "per-layer grids" in a["served"]
+  rows = a["allocation"]
+  assert {r["path"] for r in rows} >= {"embed/kernel", "pos_embed"}
+  assert sum(r["bytes"] for r in rows) <= a["plan_bytes"]
+  assert np.isfinite(a["ser_top"]) and a["nonfinite_steps"] == 0
+
+
+def test_the_uniform_control_is_the_best_single_setting_within_the_budget():
+  rng = np.random.default_rng(0)
+  choices = allocation.candidates((2, 4), (0.0, 0.5))
+  costs = allocation.Costs(("a", "b", "c"), choices, rng.integers(10, 100, (3, 5)), 7)
+  sens = rng.uniform(0, 1, (3, 5))
+  for cap in range(40, 320, 20):
+    fits = [(sens[:, j].sum(), j) for j in range(5) if 7 + costs.bytes[:, j].sum() <= cap]
+    if not fits:
+      with pytest.raises(ValueError, match="budget_bytes must be at least"):
+        wb.choose(costs, sens, cap, uniform=True)
+      continue
+    u = wb.choose(costs, sens, cap, uniform=True)
+    assert set(u.choices) == {choices[min(fits)[1]]} and u.bytes <= cap
+    a = wb.choose(costs, sens, cap, uniform=False)   # the knapsack can only do better
+    assert a.bytes <= cap and a.loss <= u.loss + 1e-12
+
+
+def test_budgets_are_checked_before_any_work():
+  with pytest.raises(ValueError, match=r"pipelines.A/50 must be a budget of at least the "
+                                       r"smallest export, [\d,]+ bytes \(1/[\d.]+ of"):
+    wireless.validate(_config(**{"A/50": "budget:50"}))
+  with pytest.raises(ValueError, match="budget stage must be 'budget:<N>'"):
+    wireless.validate(_config(bad="budget:x"))
+  with pytest.raises(ValueError, match="a budget stage alone"):
+    wireless.validate(_config(bad="prune,budget:8"))
