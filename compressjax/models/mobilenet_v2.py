@@ -15,16 +15,23 @@ shortcut wherever the stride is 1 and the width changes), which is why that repo
 2,296,922 parameters at 10 classes; this model, like torchvision's
 ``mobilenet_v2(num_classes=10)``, has 2,236,682 (3,504,872 at 1000 classes).
 
+The depthwise conv is XLA's grouped convolution or `DepthwiseConv`, the same layer computed
+as a sum of shifted windows, which XLA:CPU runs several times faster (``depthwise_impl``;
+``"auto"`` picks it on CPU). Both have the same parameters, so checkpoints load in either.
+
 Batch statistics live in ``batch_stats``; the pooled features (``[batch, last_features]``) are
 sown as ``intermediates/features``. See `compressjax.models.resnet` for the apply pattern.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import linear
+from jax import lax
 
 # (expansion t, channels c, repeats n, stride s) per stage: Sandler et al. 2018, Table 2,
 # with the c=24 stage at stride 1 for 32x32 inputs.
@@ -45,37 +52,126 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 DEPTHWISE_IMPLS = ("auto", "conv", "shifted")
 
 
-class DepthwiseConv(nn.Module):
-  """Depthwise conv computed as a sum of k*k shifted, per-channel-scaled copies of the input.
+def resolve_depthwise_impl(impl: str, backend: str | None = None) -> str:
+  """The depthwise form that ``impl`` names on ``backend``: ``"conv"`` or ``"shifted"``.
 
-  Same parameter (``kernel`` ``[k, k, 1, channels]``), same initializer and same output as
-  ``nn.Conv(channels, (k, k), strides, padding=k // 2, feature_group_count=channels,
-  use_bias=False)``, but on XLA:CPU a MobileNetV2 train step runs about twice as fast as with
-  the grouped convolution (bench/mobilenet_depthwise.py).
+  ``"auto"`` is ``"shifted"`` on CPU and ``"conv"`` elsewhere. On XLA:CPU the grouped
+  convolution takes 50-350 us per depthwise layer of the served MobileNetV2 x0.25 at batch 1,
+  the shifted sum 20-40 us (and 10-70x less at batch 256): with it the whole student serves
+  about 5x faster at batch 1 and 11x at batch 256 (bench/vision_served.py); every other form
+  tried was slower (bench/mobilenet_depthwise.py).
 
-  Attributes:
-    kernel_size: square kernel size (odd).
-    strides: stride in both spatial dimensions.
-    dtype: computation dtype.
+  Args:
+    impl: one of `DEPTHWISE_IMPLS`.
+    backend: a JAX backend name; None is ``jax.default_backend()``.
+
+  Returns:
+    ``"conv"`` or ``"shifted"``.
   """
-  kernel_size: int = 3
-  strides: int = 1
-  dtype: Any = jnp.float32
+  if impl not in DEPTHWISE_IMPLS:
+    raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+  if impl != "auto":
+    return impl
+  return "shifted" if (backend or jax.default_backend()) == "cpu" else "conv"
+
+
+def shifted_depthwise(x: chex.Array, kernel: chex.Array, strides: tuple[int, int] = (1, 1),
+                      padding: str | Sequence[tuple[int, int]] = "VALID") -> chex.Array:
+  """Depthwise 2-D convolution as a sum of ``kh * kw`` shifted, per-channel-scaled windows.
+
+  Computes ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC",
+  "HWIO", "NHWC"), feature_group_count=C)``: output ``[n, i, j, c]`` is the sum over taps
+  ``(dy, dx)`` of ``xp[n, i * sh + dy, j * sw + dx, c] * kernel[dy, dx, 0, c]``, with ``xp``
+  the zero-padded input. XLA:CPU fuses the taps into one elementwise loop, where its grouped
+  convolution takes a slow generic path.
+
+  Args:
+    x: input ``[batch, height, width, C]``.
+    kernel: one filter per channel, ``[kh, kw, 1, C]``.
+    strides: ``(sh, sw)``.
+    padding: ``"SAME"``, ``"VALID"`` (as in ``lax``) or explicit zero padding
+      ``((top, bottom), (left, right))``, each >= 0.
+
+  Returns:
+    ``[batch, out_height, out_width, C]`` in the promoted dtype of ``x`` and ``kernel``.
+  """
+  (kh, kw), (sh, sw) = kernel.shape[:2], strides
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if len(padding) != 2 or min(min(p) for p in padding) < 0:
+    raise ValueError(f"padding must be 'SAME', 'VALID' or two (lo, hi) pairs of ints >= 0, "
+                     f"got {padding!r}")
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  out = None
+  for dy in range(kh):
+    for dx in range(kw):
+      window = x[:, dy:dy + sh * (ho - 1) + 1:sh, dx:dx + sw * (wo - 1) + 1:sw, :]
+      tap = window * kernel[dy, dx, 0]
+      out = tap if out is None else out + tap
+  return out
+
+
+def _pair(value: Any, field: str) -> tuple[int, int]:
+  value = 1 if value is None else value
+  pair = (value, value) if isinstance(value, int) else tuple(value)
+  if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+    raise ValueError(f"{field} must be an int >= 1 or a pair of them, got {value!r}")
+  return pair
+
+
+class DepthwiseConv(nn.Conv):
+  """A depthwise ``nn.Conv`` computed by `shifted_depthwise` (fast on XLA:CPU).
+
+  Build it exactly as the grouped ``nn.Conv`` it stands for, with ``feature_group_count``
+  equal to ``features`` and to the input channels: same attributes, same parameters
+  (``kernel`` ``[kh, kw, 1, features]``, ``bias`` ``[features]`` when ``use_bias``), drawn by
+  the same initializer from the same key, and the same output. Being an ``nn.Conv``, it is
+  seen by whatever selects layers by type (activation quantization and calibration in
+  `compressjax.quantization` intercept ``nn.Conv`` inputs), under the same path. On XLA:CPU
+  a served MobileNetV2 x0.25 runs about 5x faster at batch 1 (11x at batch 256), and a train
+  step about 2x faster, than with the grouped convolution (bench/vision_served.py,
+  bench/mobilenet_depthwise.py).
+
+  Supported: NHWC inputs, 2-D kernels, strides, any zero padding of ``nn.Conv`` (``"SAME"``,
+  ``"VALID"``, ints or pairs); not input or kernel dilation, masks or the circular,
+  reflect and causal paddings.
+  """
+
+  def __post_init__(self):
+    if isinstance(self.kernel_size, int) or len(self.kernel_size) != 2:
+      raise ValueError(f"kernel_size must be (kh, kw), got {self.kernel_size!r}")
+    _pair(self.strides, "strides")
+    for field in ("input_dilation", "kernel_dilation"):
+      if _pair(getattr(self, field), field) != (1, 1):
+        raise ValueError(f"{field} must be 1, got {getattr(self, field)!r}")
+    if self.feature_group_count != self.features:
+      raise ValueError(f"feature_group_count must equal features ({self.features}) in a "
+                       f"depthwise conv, got {self.feature_group_count!r}")
+    if self.mask is not None:
+      raise ValueError("mask must be None in DepthwiseConv")
+    if isinstance(self.padding, str) and self.padding.upper() in ("CIRCULAR", "REFLECT",
+                                                                  "CAUSAL"):
+      raise ValueError(f"padding must be 'SAME', 'VALID', an int or pairs of ints, "
+                       f"got {self.padding!r}")
+    super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: chex.Array) -> chex.Array:
-    """Applies the depthwise conv to an NHWC batch."""
-    k, s, c = self.kernel_size, self.strides, x.shape[-1]
-    kernel = self.param("kernel", _conv_init, (k, k, 1, c), jnp.float32).astype(self.dtype)
-    x = jnp.pad(x.astype(self.dtype), ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
-    ho = (x.shape[1] - k) // s + 1
-    wo = (x.shape[2] - k) // s + 1
-    out = None
-    for dy in range(k):
-      for dx in range(k):
-        tap = x[:, dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s, :] * kernel[dy, dx, 0]
-        out = tap if out is None else out + tap
-    return out
+  def __call__(self, inputs: chex.Array) -> chex.Array:
+    """Applies the depthwise conv to an NHWC batch ``[n, h, w, features]``."""
+    if inputs.ndim != 4 or inputs.shape[-1] != self.features:
+      raise ValueError(f"inputs must be NHWC with {self.features} channels (features), got "
+                       f"shape {inputs.shape}")
+    kernel_size, strides = tuple(self.kernel_size), _pair(self.strides, "strides")
+    padding = linear.canonicalize_padding(self.padding, 2)
+    kernel = self.param("kernel", self.kernel_init, (*kernel_size, 1, self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = shifted_depthwise(inputs, kernel, strides, padding)
+    return y if bias is None else y + bias
 
 
 class ConvBN(nn.Module):
@@ -107,15 +203,11 @@ class ConvBN(nn.Module):
   def __call__(self, x: chex.Array, train: bool = False) -> chex.Array:
     """Applies conv, BN and activation to an NHWC batch."""
     k, s = self.kernel_size, self.strides
-    impl = self.depthwise_impl
-    if impl == "auto":
-      impl = "shifted" if jax.default_backend() == "cpu" else "conv"
-    if self.depthwise and impl == "shifted":
-      x = DepthwiseConv(k, s, dtype=self.dtype, name="conv")(x)
-    else:
-      x = nn.Conv(self.features, (k, k), strides=(s, s), padding=k // 2,
-                  feature_group_count=self.features if self.depthwise else 1, use_bias=False,
-                  kernel_init=_conv_init, dtype=self.dtype, name="conv")(x)
+    shifted = self.depthwise and resolve_depthwise_impl(self.depthwise_impl) == "shifted"
+    conv = DepthwiseConv if shifted else nn.Conv
+    x = conv(self.features, (k, k), strides=(s, s), padding=k // 2,
+             feature_group_count=self.features if self.depthwise else 1, use_bias=False,
+             kernel_init=_conv_init, dtype=self.dtype, name="conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=self.bn_epsilon, dtype=self.dtype, name="bn")(x)
     return nn.relu6(x) if self.relu6 else x

@@ -1,11 +1,14 @@
 """Tests of the CIFAR MobileNetV2 (compressjax/models/mobilenet_v2.py)."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
+from compressjax import quantization
 from compressjax.models import mobilenet_v2 as mnv2
 
 # Published counts of the paper's MobileNetV2 (Sandler et al. 2018) at width 1.0:
@@ -173,6 +176,94 @@ def test_depthwise_impls_agree(tiny):
   conv_shapes = jax.eval_shape(lambda k: conv.init(k, tiny.x), jax.random.key(0))
   assert jax.tree.map(lambda a: a.shape, conv_shapes) == jax.tree.map(lambda a: a.shape,
                                                                      tiny.variables)
+
+
+def _grouped_conv(x, kernel, strides, padding):
+  """The reference: XLA's grouped convolution with one group per channel."""
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=x.shape[-1])
+
+
+# "SAME" pads (0, 1) at stride 2 on an even size where the model's explicit k // 2 pads
+# (1, 1): both are checked, with odd and even sizes, a non-square kernel and uneven padding.
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (2, 1)])
+@pytest.mark.parametrize("padding", ["SAME", ((1, 1), (1, 1)), "VALID", ((0, 2), (1, 0))])
+@pytest.mark.parametrize("size, kernel_size", [(8, (3, 3)), (7, (3, 3)), (6, (5, 3))])
+def test_shifted_depthwise_equals_grouped_lax_conv(strides, padding, size, kernel_size):
+  rng = np.random.default_rng(size)
+  x = jnp.asarray(rng.normal(size=(2, size, size + 1, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(*kernel_size, 1, 5)), jnp.float32)
+  want = _grouped_conv(x, kernel, strides, padding)
+  got = jax.jit(mnv2.shifted_depthwise, static_argnums=(2, 3))(x, kernel, strides, padding)
+  chex.assert_shape(got, want.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_conv_is_the_grouped_nn_conv_it_replaces():
+  # Same attributes -> same parameter tree and values (same initializer, same key), same
+  # output, bias included; and an nn.Conv for whatever selects layers by type.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 6)), jnp.float32)
+  kw = dict(features=6, kernel_size=(3, 3), strides=2, padding=1, feature_group_count=6,
+            bias_init=nn.initializers.normal(1.0))
+  shifted, conv = mnv2.DepthwiseConv(**kw), nn.Conv(**kw)
+  assert isinstance(shifted, nn.Conv)
+  v_shifted, v_conv = shifted.init(jax.random.key(3), x), conv.init(jax.random.key(3), x)
+  jax.tree.map(np.testing.assert_array_equal, v_shifted, v_conv)
+  chex.assert_shape(v_shifted["params"]["kernel"], (3, 3, 1, 6))
+  np.testing.assert_allclose(shifted.apply(v_shifted, x), conv.apply(v_conv, x), rtol=1e-5,
+                             atol=1e-5)
+  half = mnv2.DepthwiseConv(**kw, dtype=jnp.bfloat16)
+  assert half.apply(v_shifted, x).dtype == jnp.bfloat16
+  assert v_shifted["params"]["kernel"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("kwargs, field", [(dict(feature_group_count=1), "feature_group_count"),
+                                           (dict(kernel_size=3), "kernel_size"),
+                                           (dict(kernel_dilation=2), "kernel_dilation"),
+                                           (dict(input_dilation=2), "input_dilation"),
+                                           (dict(padding="CIRCULAR"), "padding")])
+def test_depthwise_conv_rejects_what_it_does_not_compute(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    mnv2.DepthwiseConv(**{**dict(features=4, kernel_size=(3, 3), feature_group_count=4),
+                          **kwargs})
+  with pytest.raises(ValueError, match="features"):
+    layer = mnv2.DepthwiseConv(4, (3, 3), feature_group_count=4)
+    layer.init(jax.random.key(0), jnp.zeros((1, 5, 5, 3)))
+
+
+def test_auto_depthwise_is_shifted_on_cpu_only():
+  resolve = mnv2.resolve_depthwise_impl
+  assert [resolve("auto", b) for b in ("cpu", "gpu", "tpu")] == ["shifted", "conv", "conv"]
+  assert [resolve(i, "cpu") for i in ("conv", "shifted")] == ["conv", "shifted"]
+  assert resolve("shifted", "gpu") == "shifted"
+  with pytest.raises(ValueError, match="depthwise_impl"):
+    resolve("fast", "cpu")
+
+
+def test_activation_quantization_sees_the_shifted_depthwise():
+  # Activation quantization intercepts nn.Conv inputs: with the shifted form the depthwise
+  # layers must be intercepted under the same paths, and quantized alike.
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, 8, 3)), jnp.float32)
+  models = {impl: mnv2.MobileNetV2(num_classes=5, width_multiplier=0.25,
+                                   stages=((1, 16, 1, 1), (6, 24, 1, 2)), depthwise_impl=impl)
+            for impl in ("conv", "shifted")}
+  v = _numpy_variables(models["conv"], x, seed=3)
+  seen = {impl: jax.jit(quantization.record_inputs(m.apply))(v, x)[1]
+          for impl, m in models.items()}
+  assert "block1/depthwise/conv" in seen["shifted"]
+  assert sorted(seen["shifted"]) == sorted(seen["conv"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               seen["shifted"], seen["conv"])
+  # 4-bit inputs of the depthwise layers only: the shifted model's logits move as much as the
+  # grouped conv's do (a rounding that flips one code between the two may differ slightly).
+  only_depthwise = lambda path: "/depthwise/" in f"/{path}/"
+  plain = np.asarray(models["conv"].apply(v, x))
+  q = {impl: np.asarray(jax.jit(quantization.quantize_activations(
+      m.apply, 4, "dynamic", where=only_depthwise))(v, x)) for impl, m in models.items()}
+  moved = np.abs(q["conv"] - plain).max()
+  assert moved > 1e-3 * np.abs(plain).max()
+  assert np.abs(q["shifted"] - q["conv"]).max() < 0.1 * moved
 
 
 @pytest.mark.parametrize("kwargs, field", [(dict(num_classes=0), "num_classes"),
