@@ -91,8 +91,8 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   student_model = dict(
       width_multiplier=1.0 if full else 0.25,
       stages=((1, 16, 1, 1), (6, 24, 1, 2)) if tiny else None,
-      # Training only (every student row is measured with "conv"): "auto" is shifted sums on
-      # CPU (faster steps), grouped conv elsewhere; tiny uses "conv" (faster to compile).
+      # "auto": shifted sums on CPU (XLA:CPU's grouped conv is 5-80x slower per depthwise
+      # layer, bench/vision_served.py), grouped conv elsewhere; tiny: "conv" (compiles faster).
       depthwise_impl="conv" if tiny else "auto")
   c.student = _stage(70200 if full else (60 if tiny else 400), "adam", 1e-3 if full else 3e-3,
                      5e-2 if full else 0.0, 1755 if full else (0 if tiny else 20),

@@ -315,3 +315,22 @@ def test_a_vision_run_killed_with_sigkill_resumes_to_the_uninterrupted_variables
   rec = lambda w: json.load(open(w / "seed_0" / "teacher" / "record.json"))
   assert (rec(killed)["best_step"], rec(killed)["val_accuracy"]) == (
       rec(done)["best_step"], rec(done)["val_accuracy"])
+
+
+def test_served_forms_compute_the_measured_models(study):
+  """The timed form (BN folded, int8 codes dequantized in the jit) gives the logits of the
+  model that was measured, to float32 rounding."""
+  _, plan, workdir, _ = study
+  x = np.random.default_rng(0).normal(size=(4, *plan.image_shape)).astype(np.float32)
+  for label, spec in (("lora", None), ("int8_weights", plan.weight_spec)):
+    v = _restore(plan, workdir, label)
+    apply, stored = vision._served(plan, plan.student, [v], spec, None, {})
+    if spec is not None:
+      codes = [t for t in jax.tree.leaves(stored[0], is_leaf=lambda t: hasattr(t, "codes"))
+               if hasattr(t, "codes")]
+      assert codes and all(t.codes.dtype == np.int8 for t in codes)
+      assert "batch_stats" not in stored[0] or not any(
+          "mean" in str(p) for p, _ in jax.tree_util.tree_leaves_with_path(stored[0]))
+    want = np.asarray(plan.student_apply(v, x))
+    got = np.asarray(apply(stored[0], x))
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), err_msg=label)

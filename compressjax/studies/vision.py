@@ -49,6 +49,7 @@ from compressjax import lora
 from compressjax import quantization
 from compressjax import reporting
 from compressjax import selection
+from compressjax import serving
 from compressjax import training
 from compressjax.datasets import DATASETS
 from compressjax.datasets import digits
@@ -77,7 +78,8 @@ COLUMNS = (
     ("params_total", "params", "{:,.0f}"), ("params_nonzero", "non-zero", "{:,.0f}"),
     ("bytes", "bytes", "{:,.0f}"), ("compression", "x smaller", "{:.2f}"),
     ("flops", "FLOPs", "{:.3g}"), ("latency_ms", "latency ms", "{:.3f}"),
-    ("latency_text", "latency / teacher", "{}"))
+    ("latency_text", "latency / teacher", "{}"),
+    ("latency_eval_text", "latency / teacher @ eval batch", "{}"))
 
 
 class StagePlan(NamedTuple):
@@ -353,7 +355,9 @@ def validate(config: Any) -> Plan:
          "a tuple of (label, accuracy ratio, fraction of bytes saved) triples")
 
   teacher, student = _models(config, classes, train.compute_dtype)
-  student_eval = student.clone(depthwise_impl="conv")
+  # The model as trained is the model measured: its depthwise form ("shifted" on CPU) is
+  # an nn.Conv subclass, so activation quantization sees those layers too.
+  student_eval = student
   x = jax.ShapeDtypeStruct((1, *shape), np.float32)
   init = lambda m: jax.eval_shape(lambda x: m.init(jax.random.key(0), x, train=False), x)
   teacher_shapes, student_shapes = init(teacher), init(student)
@@ -619,6 +623,34 @@ def _measure(g: _Group, apply, variables, spec=None, ranges=None, **extra) -> di
           "bytes": int(nbytes), "flops": training.flops(apply, variables, d.sample)}
 
 
+def _served(p: Plan, model: Any, variables: list[Any], spec: quantization.Spec | None,
+            fwd: Any, cache: dict) -> tuple[Any, list[Any]]:
+  """A row's served form, for timing: ``(jitted apply, stored variables per seed)``.
+
+  As the export stores it (`export_bytes`): batch norm folded into the convolutions (kept
+  when ``spec`` quantizes per tensor), quantized kernels held as integer codes
+  (`serving.QTensor`) and dequantized inside the jitted function, which rebuilds the folded
+  BN constants (XLA then removes the BN arithmetic). ``fwd`` is the row's forward with
+  activation quantization (dynamic or static int8 rows), or None for the plain model.
+  Rows of one form share one jitted apply (one compile).
+  """
+  eps = model.bn_epsilon
+  fold = spec is None or spec.granularity == "channel"
+  like = jax.eval_shape(lambda: variables[0])
+  stored = []
+  for v in variables:
+    t = folding.strip_batchnorm(folding.fold_batchnorm(v, eps), eps) if fold else dict(v)
+    if spec is not None:
+      t = {**t, "params": serving.to_integers(t["params"], spec, p.quant_where)}
+    stored.append(t)
+  key = (id(model), fold, spec is None, id(fwd) if fwd is not None else None)
+  if key not in cache:
+    run = fwd or (lambda v, x: model.apply(v, x, train=False))
+    restore = ((lambda t: folding.restore_batchnorm(t, like, eps)) if fold else (lambda t: t))
+    cache[key] = jax.jit(lambda t, x: run(restore(serving.dequantize(t)), x))
+  return cache[key], stored
+
+
 def _best(r: engine.Trained) -> dict[str, Any]:
   if not r.best:
     return {}
@@ -633,7 +665,8 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
   dirs = lambda name: [os.path.join(r, name) for r in g.roots]
   record = lambda d, name, fn: engine.record(d, name, fn, ("accuracy", "bytes"))
 
-  timed = []  # (apply, variables per seed) of every row, for `engine.time_rows`
+  timed = []  # (served apply, served variables per seed) of every row, for `engine.time_rows`
+  cache = {}
   t0 = lambda: [_init(p.teacher, jax.random.fold_in(k, 101), p.image_shape) for k in g.keys]
   teachers = engine.restore_or_run(
       dirs("teacher"), [p.teacher_shapes] * n, lambda: _train(
@@ -644,7 +677,7 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
       g, p.teacher_apply, r.variables, model=p.teacher_name, bits=32,
       trainable_params=training.param_counts(r.variables["params"])["params"], **_best(r)))]
       for d, r in zip(dirs("teacher"), teachers)]
-  timed.append((p.teacher_apply, teacher_vars))
+  timed.append(_served(p, p.teacher, teacher_vars, None, None, cache))
 
   s0 = lambda: [_init(p.student, jax.random.fold_in(k, 102), p.image_shape) for k in g.keys]
   current, masks = None, [None] * n
@@ -683,23 +716,30 @@ def run_group(g: _Group) -> list[list[dict[str, Any]]]:
     if stage.kind == "prune":
       masks = [r.masks for r in results]
     label = stage.name.split("_", 1)[1]
-    applies = []
+    fwds = []
     for recs, d, r in zip(records, dirs(stage.name), results):
-      apply, ranges, row = p.student_apply, None, dict(extra)
+      apply, ranges, row, fwd = p.student_apply, None, dict(extra), None
       if stage.kind == "ptq" and stage.option != "weights":
         if stage.option == "static":
           ranges = _ranges(d, g, jax.random.fold_in(g.keys[0], 107), r.variables)
-        apply = jax.jit(quantization.quantize_activations(
+        fwd = quantization.quantize_activations(
             lambda v, x: p.student_eval.apply(v, x, train=False), p.act_spec, stage.option,
-            ranges=ranges))
+            ranges=ranges)
+        apply = jax.jit(fwd)
         row.update(act_bits=p.act_spec.bits, act_mode=stage.option)
       recs.append(record(d, label, lambda r=r, apply=apply, ranges=ranges, row=row, s=spec:
                          _measure(g, apply, r.variables, s, ranges, **row, **_best(r))))
-      applies.append(apply)
-    timed.append((applies[0], current))
+      fwds.append(fwd)
+    timed.append(_served(p, p.student, current, spec, fwds[0], cache))
+  # The served forms, timed with the teacher in the same rounds, at the latency batch and
+  # at the eval batch (the first test images).
+  big = g.data.sample if p.eval_batch_size == p.latency_batch else np.asarray(
+      datasets.normalize(g.data.info.test_images[:p.eval_batch_size], g.data.info.mean,
+                         g.data.info.std))
   for recs, j in zip(records, range(n)):
-    engine.time_rows(recs, [(apply, vs[j]) for apply, vs in timed], g.data.sample,
-                     p.latency_repeats)
+    for key, sample in (("latency", g.data.sample), ("latency_eval", big)):
+      engine.time_rows(recs, [(apply, vs[j]) for apply, vs in timed], sample,
+                       p.latency_repeats, key)
   return records
 
 
@@ -753,12 +793,15 @@ def _legend(plan: Plan, info: datasets.VisionData) -> dict[str, str]:
                "bitmask plus the non-zero values; plus static activation ranges",
       "compression": "the teacher's bytes / the stage's bytes",
       "flops": f"XLA's FLOP count of one forward pass on {plan.latency_batch} image(s)",
-      "latency_ms": f"median wall time of one jitted forward pass on {plan.latency_batch} "
-                    f"image(s), in ms, over {plan.latency_repeats} rounds on this device, "
-                    f"every row of a seed timed in the same interleaved rounds",
-      "latency_text": "the stage's latency / the teacher's: the median of the per-round "
-                      "ratios and their 10th and 90th percentiles; 'noisy' when those cover "
-                      "1 (the difference is within the machine's noise)",
+      "latency_ms": f"median wall time of one jitted forward pass of the served model on "
+                    f"{plan.latency_batch} image(s), in ms, over {plan.latency_repeats} rounds "
+                    f"on this device, every row of a seed timed in the same interleaved "
+                    f"rounds (served: batch norm folded into the convolutions as the export "
+                    f"stores it, quantized kernels as integer codes dequantized in the jit)",
+      "latency_text": "the served model's latency / the teacher's: the median of the "
+                      "per-round ratios and their 10th and 90th percentiles; 'noisy' when "
+                      "those cover 1 (the difference is within the machine's noise)",
+      "latency_eval_text": f"the same at the eval batch ({plan.eval_batch_size} images)",
   }
 
 
@@ -817,7 +860,9 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   else:
     table = [dict(r) for r in records]
   for row in table:
-    row["latency_text"] = engine.latency_text([r for r in records if r["name"] == row["name"]])
+    same = [r for r in records if r["name"] == row["name"]]
+    row["latency_text"] = engine.latency_text(same)
+    row["latency_eval_text"] = engine.latency_text(same, "latency_eval")
   title = (f"compressjax vision: {plan.teacher_name} -> {plan.student_name}, "
            f"{config.dataset}, seeds {plan.seeds}")
   engine.write_report(
