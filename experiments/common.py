@@ -143,7 +143,7 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
   # fine-tunes it with QAT and KD; "budget:Nu" uses the best single setting for every
   # layer within the same budget instead (the control).
   c.budget = ml_collections.ConfigDict(dict(
-      steps=stage_steps,
+      steps=3 * stage_steps,    # as many as a three-stage pipeline fine-tunes
       learning_rate=3e-4,
       bits=(2, 4, 8) if tiny else (2, 3, 4, 6, 8),        # a layer's candidate bit widths
       sparsities=(0.0, 0.5) if tiny else (0.0, 0.25, 0.5, 0.75),  # ... and sparsities

@@ -17,8 +17,10 @@ parameters stay float32 (their bytes are the budget's fixed part).
 
 import functools
 import math
+import time
 from typing import Any, NamedTuple
 
+from absl import logging
 import jax
 import numpy as np
 import optax
@@ -108,7 +110,13 @@ def sensitivity(params: Any, b: BudgetPlan, forward, data_fn, key, weights) -> n
   def loss(p):
     return sum(training.task_losses(forward({"params": p}, b, train=False, rngs=None), b,
                                     weights)[0] for b in batches) / len(batches)
-  return allocation.sensitivity(loss, params, b.choices, where(params))
+  layers = sum(1 for x in jax.tree.leaves(params) if np.ndim(x) >= 2)
+  logging.info("budget: the loss increase of %d layers x %d settings (%d forward passes of "
+               "%d batches)...", layers, len(b.choices), layers * len(b.choices), b.batches)
+  t0 = time.perf_counter()
+  out = allocation.sensitivity(loss, params, b.choices, where(params))
+  logging.info("budget: sensitivities measured in %.0f s", time.perf_counter() - t0)
+  return out
 
 
 def choose(c: allocation.Costs, sens: np.ndarray, budget_bytes: int,
