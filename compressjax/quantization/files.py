@@ -23,6 +23,10 @@ root. The payload is exactly ``nbytes(packed)`` minus its per-tensor headers, so
 is `nbytes` plus the JSON (about 250 bytes per tensor) and about 500 bytes of zip and ``.npy``
 headers. The zip's CRC-32 guards the payload against corruption.
 
+Version 3 is written for a mixed-precision export (a per-path spec: `Packed.spec` a dict of
+each quantized leaf's path to its `Spec`): ``"spec"`` is null and ``"specs"`` maps each such
+path to its spec's fields, as ``"spec"`` holds them.
+
 Version 2 adds ``spec.grid``, the name of the spec's grid method (`grids.GRIDS`); it is
 written only for a grid other than ``"minmax"``, so files of min/max specs stay version 1 (and
 readable by readers of version 1), and a version-1 file's spec has the min/max grid. Reading
@@ -48,7 +52,8 @@ from compressjax.quantization import quantizers
 
 FORMAT = "compressjax.packed"
 VERSION = 2  # written when the spec names a grid method; version 1 otherwise
-VERSIONS = (1, 2)  # the versions this library reads
+MIXED_VERSION = 3  # written for a per-path (mixed-precision) export
+VERSIONS = (1, 2, 3)  # the versions this library reads
 _FIELDS = {"quantized": ("codes", "scale", "zero_point", "mask"),
            "sparse": ("values", "mask"), "array": ("value",)}
 
@@ -134,9 +139,15 @@ def save(path: str | os.PathLike, packed: Packed) -> str:
     entry, arrays = _entry(_path_keys(p), leaf)
     entries.append(entry)
     chunks.extend(_little_endian_bytes(a) for a in arrays)
-  spec = None if packed.spec is None else quantizers.spec_fields(packed.spec)
-  header = {"format": FORMAT, "version": VERSION if spec is not None and "grid" in spec else 1,
-            "spec": spec, "leaves": entries}
+  if isinstance(packed.spec, dict):
+    header = {"format": FORMAT, "version": MIXED_VERSION, "spec": None,
+              "specs": {p: quantizers.spec_fields(s) for p, s in sorted(packed.spec.items())},
+              "leaves": entries}
+  else:
+    spec = None if packed.spec is None else quantizers.spec_fields(packed.spec)
+    header = {"format": FORMAT,
+              "version": VERSION if spec is not None and "grid" in spec else 1,
+              "spec": spec, "leaves": entries}
   header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
   path = os.fspath(path)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
@@ -300,6 +311,11 @@ def load_file(path: str | os.PathLike) -> Packed:
     if spec is not None and "grid" in spec and header["version"] < 2:
       raise ValueError(f"spec.grid needs version 2, got version {header['version']}")
     spec = None if spec is None else quantizers.Spec(**spec)
+    if "specs" in header:
+      if header["version"] < MIXED_VERSION:
+        raise ValueError(f"specs needs version {MIXED_VERSION}, got version "
+                         f"{header['version']}")
+      spec = {p: quantizers.Spec(**f) for p, f in header["specs"].items()}
     tree, offset = None, 0
     for i, entry in enumerate(header["leaves"]):
       where = f"{path}: leaf {i} ({'/'.join(map(str, entry['path']))})"

@@ -63,6 +63,19 @@ def test_round_trip_is_exact(tmp_path, spec):
     assert q.nbytes(back) == q.nbytes(packed)
 
 
+def test_a_mixed_precision_export_round_trips_as_version_3(tmp_path):
+  specs = {"Dense_0/kernel": q.Spec(2), "Conv_0/kernel": q.Spec(5, False, "channel")}
+  packed = q.export(_params(), specs.get)    # Dense_1/kernel stays float (None)
+  back = q.load_file(q.save(tmp_path / "mixed.npz", packed))
+  assert back.spec == packed.spec == specs
+  _assert_same(q.load(back), q.load(packed))
+  assert q.nbytes(back) == q.nbytes(packed)
+  with zipfile.ZipFile(tmp_path / "mixed.npz") as z:
+    header = json.loads(np.load(z.open("header.npy")).tobytes())
+  assert header["version"] == 3 and header["spec"] is None
+  assert header["specs"]["Dense_0/kernel"]["bits"] == 2
+
+
 @pytest.mark.parametrize("spec", [q.Spec(8), q.Spec(4, True, "channel"), None], ids=str)
 def test_size_on_disk_is_nbytes_plus_a_small_header(tmp_path, spec):
   params = {"Dense_0": {"kernel": jnp.asarray(_sparse(3, (256, 512), 0.5))},
@@ -129,8 +142,10 @@ def test_foreign_truncated_and_corrupt_files_raise_naming_path_and_problem(tmp_p
       text: "not an .npz",
       other: r"holds \['weights'\], expected \['header', 'payload'\]",
       _write(tmp_path / "half.npz", data[:len(data) // 2]): "truncated or corrupt",
-      _rewrite_header(good, tmp_path / "v3.npz", lambda h: h.update(version=3)):
-          r"unsupported packed file version 3; this library reads versions \(1, 2\)",
+      _rewrite_header(good, tmp_path / "v4.npz", lambda h: h.update(version=4)):
+          r"unsupported packed file version 4; this library reads versions \(1, 2, 3\)",
+      _rewrite_header(good, tmp_path / "specs2.npz", lambda h: h.update(specs={})):
+          "specs needs version 3, got version 1",
       _rewrite_header(good, tmp_path / "fmt.npz", lambda h: h.update(format="x")):
           "format must be 'compressjax.packed', got 'x'",
       _rewrite_header(good, tmp_path / "short.npz",
