@@ -43,6 +43,7 @@ measurements and the report are in `compressjax.studies.wireless_measure`.
 
 import dataclasses
 import functools
+import json
 import os
 import zlib
 from typing import Any, NamedTuple
@@ -469,7 +470,7 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
       extras = [None] * len(seeds)
       if stage.kind == "budget":
         bplans = [_budget_plan(plan, stage, start[j], records[j][0]["bytes"], j, stage_keys[j],
-                               budget_sens) for j in range(len(seeds))]
+                               budget_sens, stage_dirs[j]) for j in range(len(seeds))]
         specs = [(bp.spec, bp.selects) for bp, _ in bplans]
         extras = [wb.summary(bp, budget) for bp, budget in bplans]
         opt = engine.optimizer(stage.optimizer)
@@ -521,12 +522,19 @@ def run_group(plan: Plan, workdir: str, seeds: tuple[int, ...], eval_batches: li
 
 
 def _budget_plan(plan: Plan, stage: StagePlan, params: Any, teacher_bytes: int, j: int,
-                 key: Any, cache: dict) -> tuple[Any, int]:
+                 key: Any, cache: dict, stage_dir: str) -> tuple[Any, int]:
   """A budget stage's `allocation.Plan` for one seed, and its budget in bytes.
 
   The sensitivities are measured once per seed (every budget stage starts from the
-  teacher) on `wireless_budget.SENSITIVITY_BATCHES` simulated training batches.
+  teacher) on ``budget.sensitivity_batches`` simulated training batches; a finished stage's
+  plan is read back from its record instead.
   """
+  saved = os.path.join(stage_dir, "record.json")
+  if os.path.exists(saved):   # a finished stage: its recorded plan, not a new measurement
+    with open(saved) as f:
+      rec = json.load(f)
+    if "allocation" in rec:
+      return wb.from_record(rec)
   if j not in cache:
     fwd = training.multitask_forward(_model(stage.model).apply)
     data_fn = training.multitask_data_fn(plan.channel, plan.train.batch_size, plan.tasks)

@@ -156,6 +156,18 @@ def summary(plan: allocation.Plan, budget_bytes: int) -> dict[str, Any]:
           "plan_loss": plan.loss, "allocation": allocation.table(plan)}
 
 
+def from_record(rec: dict[str, Any]) -> tuple[allocation.Plan, int]:
+  """The plan and budget a finished budget stage recorded (`summary`), so a rerun restores
+  them instead of measuring the sensitivities again."""
+  rows = rec["allocation"]
+  choices = tuple(allocation.Choice(r["bits"], "channel" if r["bits"] is None
+                                    else r["granularity"], float(r["sparsity"])) for r in rows)
+  layer_bytes = tuple(int(r["bytes"]) for r in rows)
+  return allocation.Plan(tuple(r["path"] for r in rows), choices, layer_bytes,
+                         tuple(float(r["loss"]) for r in rows),
+                         int(rec["plan_bytes"]) - sum(layer_bytes)), int(rec["budget_bytes"])
+
+
 def footer(records: list[dict[str, Any]]) -> str:
   """results.md's budget section: each budget row's per-layer plan (its first seed's)."""
   lines = []

@@ -23,10 +23,12 @@ def _config(**pipelines):
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
   c = _config(**{"A/6": "budget:6"})
-  return {r["name"]: r for r in wireless.run(c, str(tmp_path_factory.mktemp("budget")))}
+  workdir = str(tmp_path_factory.mktemp("budget"))
+  return {r["name"]: r for r in wireless.run(c, workdir)}, c, workdir
 
 
 def test_the_fine_tuned_plan_exports_within_the_budget(records):
+  records = records[0]
   a, teacher = records["A/6/1_budget:6"], records["teacher"]
   assert a["budget_bytes"] == int(teacher["bytes"] / 6)
   # The plan's bound holds for the fine-tuned export, measured on it.
@@ -38,6 +40,14 @@ def test_the_fine_tuned_plan_exports_within_the_budget(records):
   assert {r["path"] for r in rows} >= {"embed/kernel", "pos_embed"}
   assert sum(r["bytes"] for r in rows) <= a["plan_bytes"]
   assert np.isfinite(a["ser_top"]) and a["nonfinite_steps"] == 0
+
+
+def test_a_rerun_restores_the_plan_without_measuring_again(records, monkeypatch):
+  first, c, workdir = records
+  monkeypatch.setattr(wb, "sensitivity", lambda *a, **k: pytest.fail("measured again"))
+  again = {r["name"]: r for r in wireless.run(c, workdir)}
+  for key in ("bytes", "bytes_entropy", "plan_bytes", "allocation", "ser_top", "served"):
+    assert again["A/6/1_budget:6"][key] == first["A/6/1_budget:6"][key], key
 
 
 def test_the_uniform_control_is_the_best_single_setting_within_the_budget():
