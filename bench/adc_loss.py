@@ -77,6 +77,19 @@ def _cell(value: float | None, ser_top: float) -> str:
   return f"floor ({ser_top:.3f})" if value is None else f"{value:+.2f}"
 
 
+def _table(results: dict, ideal: dict, top: float, clip: bool) -> None:
+  """One markdown row per ADC width: LMMSE's and perfect CSI's losses against ``ideal``."""
+  print(f"| ADC bits |{' clip x RMS |' if clip else ''} LMMSE loss dB @ SER 1e-1 | LMMSE loss "
+        f"dB @ SER 1e-2 | LMMSE SER @ {top:g} dB | perfect-CSI loss dB @ SER 1e-2 |")
+  print("|---" * (6 if clip else 5) + "|")
+  for b in BITS[1:]:
+    lm, csi = results[b]["lmmse"], results[b]["perfect_csi"]
+    print(f"| {b} |{f' {channels.adc.GAUSSIAN_CLIP[b]:.3f} |' if clip else ''} "
+          f"{_cell(loss_db(lm, ideal['lmmse'], 1e-1), lm['ser_top'])} | "
+          f"{_cell(loss_db(lm, ideal['lmmse'], 1e-2), lm['ser_top'])} | {lm['ser_top']:.2e} | "
+          f"{_cell(loss_db(csi, ideal['perfect_csi'], 1e-2), csi['ser_top'])} |")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--frames", type=int, default=384, help="frames per Es/N0 point")
@@ -109,26 +122,11 @@ def main():
     print(f"  no ADC, {r}: Es/N0 @ SER 1e-1 = {ideal[r]['snr_at_1e-01']:.2f} dB, @ 1e-2 = "
           f"{ideal[r]['snr_at_1e-02']:.2f} dB, SER @ {points[-1]:g} dB = "
           f"{ideal[r]['ser_top']:.2e}")
-  head = ("| ADC bits | clip x RMS | LMMSE loss dB @ SER 1e-1 | LMMSE loss dB @ SER 1e-2 | "
-          f"LMMSE SER @ {points[-1]:g} dB | perfect-CSI loss dB @ SER 1e-2 |")
-  print("\n" + head + "\n" + "|---" * 6 + "|")
-  for b in BITS[1:]:
-    lm, csi = results[b]["lmmse"], results[b]["perfect_csi"]
-    print(f"| {b} | {channels.adc.GAUSSIAN_CLIP[b]:.3f} | "
-          f"{_cell(loss_db(lm, ideal['lmmse'], 1e-1), lm['ser_top'])} | "
-          f"{_cell(loss_db(lm, ideal['lmmse'], 1e-2), lm['ser_top'])} | {lm['ser_top']:.2e} | "
-          f"{_cell(loss_db(csi, ideal['perfect_csi'], 1e-2), csi['ser_top'])} |")
+  print()
+  _table(results, ideal, points[-1], clip=True)
   if aware:
     print("\nTold N0 + the ADC's error (2 rms^2 x the Gaussian MSE at b bits):\n")
-    print("| ADC bits | LMMSE loss dB @ SER 1e-1 | LMMSE loss dB @ SER 1e-2 | "
-          f"LMMSE SER @ {points[-1]:g} dB | perfect-CSI loss dB @ SER 1e-2 |")
-    print("|---" * 5 + "|")
-    for b in BITS[1:]:
-      lm, csi = aware[b]["lmmse"], aware[b]["perfect_csi"]
-      print(f"| {b} | {_cell(loss_db(lm, ideal['lmmse'], 1e-1), lm['ser_top'])} | "
-            f"{_cell(loss_db(lm, ideal['lmmse'], 1e-2), lm['ser_top'])} | "
-            f"{lm['ser_top']:.2e} | "
-            f"{_cell(loss_db(csi, ideal['perfect_csi'], 1e-2), csi['ser_top'])} |")
+    _table(aware, ideal, points[-1], clip=False)
 
 
 if __name__ == "__main__":

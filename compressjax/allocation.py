@@ -289,7 +289,7 @@ def hutchinson_sensitivity(traces: dict[str, float], params: Any, costs: Costs) 
   Returns:
     float64 ``[layers, choices]``, a drop-in for `sensitivity`'s result.
   """
-  leaves = {selection.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  leaves = selection.leaves_by_path(params)
   out = np.zeros(costs.bytes.shape, np.float64)
   for i, path in enumerate(costs.paths):
     x = jnp.asarray(leaves[path], jnp.float32)

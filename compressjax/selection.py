@@ -61,6 +61,11 @@ def selected_paths(params: Any, where: Where | None = None) -> list[str]:
   return [path_str(p) for p, on in flags if on]
 
 
+def leaves_by_path(tree: Any) -> dict[str, Any]:
+  """The leaves of ``tree`` keyed by their '/'-joined paths (`path_str`)."""
+  return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def check_selects_something(params: Any, where: Where | None, name: str) -> None:
   """Raises ``ValueError`` naming ``name`` if ``where`` selects no leaf."""
   if not selected_paths(params, where):

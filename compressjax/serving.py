@@ -109,7 +109,7 @@ def to_integers(params: Any, spec: "quantizers.Spec | quantizers.PerPath",
 
 
 def _kernel_grids(params: Any, spec, where) -> dict[str, quantizers.Grid]:
-  flat = {selection.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  flat = selection.leaves_by_path(params)
   specs = {p: quantizers.spec_at(spec, p) for p in selection.selected_paths(params, where)}
   return {p: quantizers.grid_of(flat[p], s) for p, s in specs.items() if s is not None}
 
@@ -120,8 +120,7 @@ def _carry_grids(old: dict[str, quantizers.Grid], new_params: Any,
   and per channel when its channel axis kept its length (only rows or heads went, whose
   values may have set a channel's range); a kernel that lost channels gets each remaining
   channel's own grid again (unchanged: a channel's grid is set by its own values)."""
-  new_flat = {selection.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(new_params)}
-  old_flat = {selection.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(old_params)}
+  new_flat, old_flat = selection.leaves_by_path(new_params), selection.leaves_by_path(old_params)
   out = {}
   for p, g in old.items():
     s = quantizers.spec_at(spec, p)

@@ -56,16 +56,17 @@ def prune_plan(p: Any) -> PrunePlan:
   return plan
 
 
-# The composite structures: (structure, the paths it prunes) per pruning wrapper.
-COMPOSITE = {"head+neuron": (("head", lambda path: "/attn/" in f"/{path}"),
-                             ("neuron", lambda path: path.endswith("mlp/fc1/kernel")))}
+# The composite structures: (structure, the kernels it prunes) per pruning wrapper.
+COMPOSITE = {"head+neuron": (
+    ("head", lambda path: "/attn/" in f"/{path}" and path.endswith("/kernel")),
+    ("neuron", lambda path: path.endswith("mlp/fc1/kernel")))}
 
 
 def _only(masks: Any, pick) -> Any:
   """``masks`` at the paths of one wrapper of a composite (its kernels and their biases)."""
   if masks is None:
     return None
-  unit = lambda path: pick(path) or pick(path.rsplit("/", 1)[0] + "/kernel")
+  unit = lambda path: pick(path.rsplit("/", 1)[0] + "/kernel")   # a kernel or its bias
   return jax.tree_util.tree_map_with_path(
       lambda path, m: m if unit(selection.path_str(path)) else None, masks,
       is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode))
@@ -82,8 +83,7 @@ def _prune_tx(inner, p: PrunePlan, schedule, masks=None, where=None):
     picked = pick if where is None else (lambda path, pick=pick: pick(path) and where(path))
     tx = pruning.wrap(tx, sparsity=p.sparsity, score=p.score, structure=structure,
                       scope=p.scope, schedule=schedule, initial_masks=_only(masks, pick),
-                      where=(lambda path, picked=picked: picked(path) and path.endswith(
-                          "kernel")))
+                      where=picked)
   return tx
 
 

@@ -342,6 +342,18 @@ def restore_or_run(stage_dirs: Sequence[str], targets: Sequence[Any],
   return results
 
 
+_RECORD = "record.json"   # a stage's cached metrics record, in its directory
+
+
+def saved_record(stage_dir: str) -> dict[str, Any] | None:
+  """The record `record` cached in ``stage_dir`` (``record.json``), or None."""
+  path = os.path.join(stage_dir, _RECORD)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def record(stage_dir: str, name: str, measure_fn: Callable[[], dict[str, Any]],
            show: Sequence[str] = ()) -> dict[str, Any]:
   """The stage's metrics record ``{"name": name, **measure_fn()}``, cached in its directory.
@@ -352,15 +364,14 @@ def record(stage_dir: str, name: str, measure_fn: Callable[[], dict[str, Any]],
     measure_fn: measures the stage (called only when no record is cached).
     show: record keys to put in the "stage done" console line.
   """
-  path = os.path.join(stage_dir, "record.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  saved = saved_record(stage_dir)
+  if saved is not None:
+    return saved
   rec = {"name": name, **measure_fn()}
   logging.info("stage done: %s  %s", stage_dir, "  ".join(
       f"{k} {rec[k]:.4g}" for k in show if isinstance(rec.get(k), (int, float))))
   if parallel.is_main_process():
-    reporting.write_json(path, rec)
+    reporting.write_json(os.path.join(stage_dir, _RECORD), rec)
   return rec
 
 

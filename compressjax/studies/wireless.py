@@ -43,7 +43,6 @@ measurements and the report are in `compressjax.studies.wireless_measure`.
 
 import dataclasses
 import functools
-import json
 import os
 import zlib
 from typing import Any, NamedTuple
@@ -529,12 +528,9 @@ def _budget_plan(plan: Plan, stage: StagePlan, params: Any, teacher_bytes: int, 
   teacher) on ``budget.sensitivity_batches`` simulated training batches; a finished stage's
   plan is read back from its record instead.
   """
-  saved = os.path.join(stage_dir, "record.json")
-  if os.path.exists(saved):   # a finished stage: its recorded plan, not a new measurement
-    with open(saved) as f:
-      rec = json.load(f)
-    if "allocation" in rec:
-      return wb.from_record(rec)
+  rec = engine.saved_record(stage_dir)
+  if rec is not None and "allocation" in rec:   # finished: its plan, not a new measurement
+    return wb.from_record(rec)
   if j not in cache:
     fwd = training.multitask_forward(_model(stage.model).apply)
     data_fn = training.multitask_data_fn(plan.channel, plan.train.batch_size, plan.tasks)

@@ -1,12 +1,12 @@
 """The wireless study's ``budget`` stage: per-layer bits and sparsity under a byte budget.
 
 ``budget:12`` compresses the running model to at most 1/12 of the teacher's float32 export
-bytes: `compressjax.allocation` measures every layer's exported bytes under every `CHOICES`
-entry (an upper bound that holds after fine-tuning) and the loss increase of each layer
-under each (the others float, on a fixed simulated batch), and picks one choice per layer
-by the exact knapsack (the candidates are the config's ``budget.bits`` x
-``budget.sparsities``, per output channel, or float). ``budget:12u`` is its control: the one choice for every layer that
-fits the same budget at the least summed loss increase (the best uniform setting). Either
+bytes: `compressjax.allocation` measures every layer's exported bytes under every candidate
+setting (the config's ``budget.bits`` x ``budget.sparsities``, per output channel, or
+float; upper bounds that hold after fine-tuning) and the loss increase of each layer under
+each (the others float, on fixed simulated batches), and picks one setting per layer by the
+exact knapsack. ``budget:12u`` is its control: the one setting for every layer that fits
+the same budget at the least summed loss increase (the best uniform setting). Either
 plan is then applied (magnitude pruning, quantization) and fine-tuned with QAT and KD from
 the float teacher, the masks and per-layer grids kept by `optimizer`.
 
@@ -108,8 +108,8 @@ def sensitivity(params: Any, b: BudgetPlan, forward, data_fn, key, weights) -> n
   batches = [data_fn(k) for k in jax.random.split(key, b.batches)]
 
   def loss(p):
-    return sum(training.task_losses(forward({"params": p}, b, train=False, rngs=None), b,
-                                    weights)[0] for b in batches) / len(batches)
+    return sum(training.task_losses(forward({"params": p}, batch, train=False, rngs=None),
+                                    batch, weights)[0] for batch in batches) / len(batches)
   layers = sum(1 for x in jax.tree.leaves(params) if np.ndim(x) >= 2)
   logging.info("budget: the loss increase of %d layers x %d settings (%d forward passes of "
                "%d batches)...", layers, len(b.choices), layers * len(b.choices), b.batches)
