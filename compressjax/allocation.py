@@ -49,21 +49,25 @@ class Choice(NamedTuple):
   """One layer's setting.
 
   Attributes:
-    bits: bits per weight (2..16, a symmetric min/max grid), or None to keep the layer float.
+    bits: bits per weight (2..16, a symmetric grid), or None to keep the layer float.
     granularity: ``"channel"`` (a scale per output channel, axis -1) or ``"tensor"``;
       ignored when ``bits`` is None.
     sparsity: fraction of the layer's weights zeroed by magnitude, in [0, 1).
+    grid: how the grid's range is chosen (a name in `quantization.GRIDS`): ``"minmax"``
+      (the range of the weights) or a clipping method such as ``"mse"`` (the range of least
+      squared error, which at 2-3 bits keeps far more weights off zero); same bytes.
   """
   bits: int | None
   granularity: str = "channel"
   sparsity: float = 0.0
+  grid: str = "minmax"
 
   @property
   def spec(self) -> quantization.Spec | None:
     """The quantizer of this choice, or None for float."""
     if self.bits is None:
       return None
-    return quantization.Spec(self.bits, True, self.granularity, -1)
+    return quantization.Spec(self.bits, True, self.granularity, -1, self.grid)
 
 
 def check_choices(choices: Sequence[Choice]) -> tuple[Choice, ...]:
@@ -77,6 +81,8 @@ def check_choices(choices: Sequence[Choice]) -> tuple[Choice, ...]:
     if c.granularity not in quantization.GRANULARITIES:
       raise ValueError(f"granularity must be one of {quantization.GRANULARITIES}, got "
                        f"{c.granularity!r} in {c}")
+    if c.grid not in quantization.GRIDS:
+      raise ValueError(f"grid must be one of {tuple(quantization.GRIDS)}, got {c.grid!r} in {c}")
     if c.bits is not None and (isinstance(c.bits, bool) or not isinstance(c.bits, int)
                                or not 2 <= c.bits <= 16):
       raise ValueError(f"bits must be None (float) or an int in [2, 16], got {c.bits!r} in {c}")
@@ -90,19 +96,21 @@ def check_choices(choices: Sequence[Choice]) -> tuple[Choice, ...]:
 
 def candidates(bits: Sequence[int] = DEFAULT_BITS,
                sparsities: Sequence[float] = DEFAULT_SPARSITIES,
-               granularity: str = "channel", keep_float: bool = True) -> tuple[Choice, ...]:
-  """The candidate set ``bits x sparsities`` at one granularity, plus dense float.
+               granularity: str = "channel", keep_float: bool = True,
+               grid: str = "minmax") -> tuple[Choice, ...]:
+  """The candidate set ``bits x sparsities`` at one granularity and grid, plus dense float.
 
   Args:
     bits: bit widths.
     sparsities: magnitude-pruning fractions.
     granularity: ``"channel"`` or ``"tensor"``.
     keep_float: also offer ``Choice(None)`` (the layer stays float and dense).
+    grid: the grid method of the quantized choices (`Choice.grid`).
 
   Returns:
     A tuple of distinct `Choice` values.
   """
-  out = [Choice(b, granularity, float(s)) for b in bits for s in sparsities]
+  out = [Choice(b, granularity, float(s), grid) for b in bits for s in sparsities]
   if keep_float:
     out.append(Choice(None, granularity, 0.0))
   return check_choices(out)
@@ -190,7 +198,9 @@ def layer_costs(params: Any, choices: Sequence[Choice], where: selection.Where |
     where: which leaves get a choice (default: Dense/Conv kernels).
     upper_bound: measure each layer's most bytes with its pruned entries zero and every other
       entry non-zero (`leaf_bytes`): a plan within a budget then stays within it after
-      fine-tuning with ``plan.sparsity`` and ``plan.spec`` (its PTQ export may take less).
+      fine-tuning with ``plan.sparsity`` and ``plan.spec`` (its PTQ export may take less);
+      ``fixed`` is then the unselected leaves' dense bytes (a zero-initialized bias,
+      stored as a sparse tensor, is non-zero after a step).
 
   Returns:
     The `Costs`.
@@ -204,6 +214,8 @@ def layer_costs(params: Any, choices: Sequence[Choice], where: selection.Where |
     if on:
       rows.append([leaf_bytes(x, c, upper_bound) for c in choices])
     else:
+      if upper_bound and np.issubdtype(np.result_type(x), np.inexact):
+        x = np.ones(np.shape(x), np.result_type(x))
       fixed += quantization.nbytes(quantization.export({"w": x}, None))
   return Costs(tuple(p for p, _, on in leaves if on), choices,
                np.asarray(rows, np.int64).reshape(-1, len(choices)), fixed)
@@ -462,8 +474,10 @@ def export(params: Any, plan: Plan) -> quantization.Packed:
 
 
 def table(plan: Plan) -> list[dict[str, Any]]:
-  """Rows ``{path, bits, granularity, sparsity, bytes, loss}`` per layer, for reports
-  (`reporting.markdown_table`); ``bits`` is None and ``granularity`` "-" for float layers."""
+  """Rows ``{path, bits, granularity, grid, sparsity, bytes, loss}`` per layer, for reports
+  (`reporting.markdown_table`); ``bits`` is None and ``granularity`` and ``grid`` "-" for
+  float layers."""
   return [{"path": p, "bits": c.bits, "granularity": "-" if c.bits is None else c.granularity,
+           "grid": "-" if c.bits is None else c.grid,
            "sparsity": float(c.sparsity), "bytes": b, "loss": s}
           for p, c, b, s in zip(plan.paths, plan.choices, plan.layer_bytes, plan.layer_loss)]

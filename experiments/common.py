@@ -147,6 +147,7 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       learning_rate=3e-4,
       bits=(2, 4, 8) if tiny else (2, 3, 4, 6, 8),        # a layer's candidate bit widths
       sparsities=(0.0, 0.5) if tiny else (0.0, 0.25, 0.5, 0.75),  # ... and sparsities
+      grid="mse",               # quantizer range: mse (least squared error) | minmax
       sensitivity_batches=1 if tiny else 4,   # simulated batches the sensitivity averages
   ))
   # Every stage and the classical references are measured on the same frames: at each

@@ -13,7 +13,7 @@ from compressjax import allocation as al
 from compressjax import pruning
 from compressjax import quantization as q
 
-CHOICES = (al.Choice(2, "channel", 0.5), al.Choice(4, "channel", 0.0),
+CHOICES = (al.Choice(2, "channel", 0.5, "mse"), al.Choice(4, "channel", 0.0),
            al.Choice(8, "tensor", 0.25), al.Choice(None))
 
 
@@ -125,9 +125,10 @@ def test_layer_costs_are_the_real_bytes_of_each_layer_alone():
       codes = min(-(-n * c.bits // 8), -(-n // 8) + -(-nnz * c.bits // 8))
       scales = 4 * (channels if c.granularity == "channel" else 1)
       assert costs.bytes[i, j] == codes + scales + 16, (name, c)
-  # The upper bound: every weight pruning keeps is non-zero.
+  # The upper bound: every weight pruning keeps is non-zero, and so is every float value
+  # (the zero bias is stored dense: 8 values, 4 bytes each).
   bound = al.layer_costs(params, CHOICES, upper_bound=True)
-  assert bound.fixed == costs.fixed and np.all(bound.bytes >= costs.bytes)
+  assert bound.fixed == (32 * 4 + 12) + (8 * 4 + 12) and np.all(bound.bytes >= costs.bytes)
   for i, name in enumerate(("Dense_0", "Dense_1")):
     k = np.asarray(params[name]["kernel"])
     n, channels = k.size, k.shape[1]
@@ -247,13 +248,30 @@ def test_table_lists_each_layer():
   costs, sens = _instance(3, layers=2, n=4)
   rows = al.table(al.uniform(costs, CHOICES[3], sens))
   assert [r["path"] for r in rows] == ["l0/kernel", "l1/kernel"]
-  assert rows[0] == {"path": "l0/kernel", "bits": None, "granularity": "-", "sparsity": 0.0,
+  assert rows[0] == {"path": "l0/kernel", "bits": None, "granularity": "-", "grid": "-",
+                     "sparsity": 0.0,
                      "bytes": int(costs.bytes[0, 3]), "loss": float(sens[0, 3])}
   rows = al.table(al.uniform(costs, CHOICES[0]))
   assert (rows[1]["bits"], rows[1]["granularity"], rows[1]["sparsity"]) == (2, "channel", 0.5)
 
 
+def test_the_mse_grid_is_the_lloyd_max_ternary_quantizer_at_two_bits():
+  # A symmetric 2-bit grid has the levels {-s, 0, s} and the thresholds +-s/2. For a unit
+  # Gaussian the least-squares 3-level quantizer (Max 1960) has exactly that form, with s =
+  # 1.2240 and error 0.1902; the min/max grid (s = max|x|, about 4) zeroes nearly everything.
+  x = np.random.default_rng(0).standard_normal((20_000, 4)).astype(np.float32)
+  for grid, lo, hi in (("mse", 0.185, 0.196), ("minmax", 0.6, 1.0)):
+    y = np.asarray(al.compress(x, al.Choice(2, "channel", 0.0, grid)))
+    assert lo < np.mean((y - x) ** 2) < hi, grid
+    if grid == "mse":
+      np.testing.assert_allclose(np.abs(y).max(0), 1.224, atol=0.05)
+  assert al.Choice(3, grid="mse").spec == q.Spec(3, True, "channel", -1, "mse")
+  assert al.candidates((2,), (0.0,), grid="mse")[0].grid == "mse"
+
+
 def test_bad_arguments_raise_naming_the_field():
+  with pytest.raises(ValueError, match="grid must be one of"):
+    al.candidates(grid="lloyd")
   with pytest.raises(ValueError, match="bits must be None"):
     al.candidates(bits=(1,))
   with pytest.raises(ValueError, match="sparsity must be a float in \\[0, 1\\)"):

@@ -50,9 +50,10 @@ class BudgetPlan(NamedTuple):
 def check(block: Any) -> tuple[tuple[allocation.Choice, ...], int]:
   """The config's ``budget`` block: its candidate choices and sensitivity batches."""
   try:
-    choices = allocation.candidates(tuple(block.bits), tuple(block.sparsities))
+    choices = allocation.candidates(tuple(block.bits), tuple(block.sparsities),
+                                    grid=block.grid)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"budget.bits / budget.sparsities: {e}") from None
+    raise ValueError(f"budget.bits / budget.sparsities / budget.grid: {e}") from None
   n = block.sensitivity_batches
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
     raise ValueError(f"budget.sensitivity_batches must be an int >= 1, got {n!r}")
@@ -160,8 +161,10 @@ def from_record(rec: dict[str, Any]) -> tuple[allocation.Plan, int]:
   """The plan and budget a finished budget stage recorded (`summary`), so a rerun restores
   them instead of measuring the sensitivities again."""
   rows = rec["allocation"]
-  choices = tuple(allocation.Choice(r["bits"], "channel" if r["bits"] is None
-                                    else r["granularity"], float(r["sparsity"])) for r in rows)
+  choices = tuple(allocation.Choice(r["bits"], "channel", float(r["sparsity"]))
+                  if r["bits"] is None else
+                  allocation.Choice(r["bits"], r["granularity"], float(r["sparsity"]),
+                                    r.get("grid", "minmax")) for r in rows)
   layer_bytes = tuple(int(r["bytes"]) for r in rows)
   return allocation.Plan(tuple(r["path"] for r in rows), choices, layer_bytes,
                          tuple(float(r["loss"]) for r in rows),
@@ -183,7 +186,8 @@ def footer(records: list[dict[str, Any]]) -> str:
               "| layer | bits | sparsity | bytes (at most) | loss increase alone |",
               "|---|---|---|---|---|"]
     for row in r["allocation"]:
-      bits = "float32" if row["bits"] is None else f"{row['bits']} ({row['granularity']})"
+      bits = "float32" if row["bits"] is None else (
+          f"{row['bits']} ({row['granularity']}, {row.get('grid', 'minmax')})")
       lines.append(f"| {row['path']} | {bits} | {row['sparsity']:.2f} | {row['bytes']:,} | "
                    f"{row['loss']:+.4f} |")
   return "\n".join(lines) + ("\n" if lines else "")
