@@ -6,7 +6,9 @@ set. `layer_costs` measures every layer's bytes under every choice with the real
 choice; `allocate` picks one choice per layer to minimize the summed loss increase with the
 export within a byte budget; `apply` compresses the params to the plan (post-training), and
 ``plan.spec`` / ``plan.sparsity`` are the per-path arguments of `quantization.wrap` and
-`pruning.wrap`, for fine-tuning the allocated model (QAT, KD).
+`pruning.wrap`, for fine-tuning the allocated model (QAT, KD). The leaves without a choice
+(biases, norms) stay float, or all take one spec (``rest``), their bytes the budget's
+fixed part.
 
 Sensitivity. The default is measured: the loss increase of each layer under each choice with
 every other layer left float (``layers x choices`` forward passes). HAWQ-V2's Hutchinson
@@ -168,12 +170,16 @@ class Costs(NamedTuple):
     paths: the selected leaves' paths, in tree order.
     choices: the candidate choices.
     bytes: int64 ``[len(paths), len(choices)]``, each layer's exported bytes per choice.
-    fixed: bytes of the leaves not selected, stored as `quantization.export` stores them.
+    fixed: bytes of the leaves not selected, stored as `quantization.export` stores them
+      (float, or on ``rest``'s grid).
+    rest: the spec of the unselected float leaves (for instance 8-bit per tensor for the
+      biases and LayerNorm parameters), or None to keep them float.
   """
   paths: tuple[str, ...]
   choices: tuple[Choice, ...]
   bytes: np.ndarray
   fixed: int
+  rest: quantization.Spec | None = None
 
 
 def _selected(params: Any, where: selection.Where | None, name: str):
@@ -185,7 +191,8 @@ def _selected(params: Any, where: selection.Where | None, name: str):
 
 
 def layer_costs(params: Any, choices: Sequence[Choice], where: selection.Where | None = None,
-                upper_bound: bool = False) -> Costs:
+                upper_bound: bool = False,
+                rest: "quantization.Spec | int | None" = None) -> Costs:
   """Measures each selected layer's exported bytes under each choice.
 
   Every leaf is packed alone by `quantization.export` (its bytes do not depend on the other
@@ -201,6 +208,8 @@ def layer_costs(params: Any, choices: Sequence[Choice], where: selection.Where |
       fine-tuning with ``plan.sparsity`` and ``plan.spec`` (its PTQ export may take less);
       ``fixed`` is then the unselected leaves' dense bytes (a zero-initialized bias,
       stored as a sparse tensor, is non-zero after a step).
+    rest: quantize every unselected float leaf with this spec (a `quantization.Spec` or a
+      bit width) instead of keeping it float; it is carried by the plan (`Plan.rest`).
 
   Returns:
     The `Costs`.
@@ -208,17 +217,29 @@ def layer_costs(params: Any, choices: Sequence[Choice], where: selection.Where |
   choices = check_choices(choices)
   if not isinstance(upper_bound, bool):
     raise ValueError(f"upper_bound must be True or False, got {upper_bound!r}")
+  rest = None if rest is None else quantization.as_spec(rest)
   leaves = _selected(params, where, "layer_costs")
   rows, fixed = [], 0
   for _, x, on in leaves:
     if on:
       rows.append([leaf_bytes(x, c, upper_bound) for c in choices])
     else:
-      if upper_bound and np.issubdtype(np.result_type(x), np.inexact):
-        x = np.ones(np.shape(x), np.result_type(x))
-      fixed += quantization.nbytes(quantization.export({"w": x}, None))
+      fixed += _rest_bytes(x, rest, upper_bound)
   return Costs(tuple(p for p, _, on in leaves if on), choices,
-               np.asarray(rows, np.int64).reshape(-1, len(choices)), fixed)
+               np.asarray(rows, np.int64).reshape(-1, len(choices)), fixed, rest)
+
+
+def _is_float(x: Any) -> bool:
+  return np.issubdtype(jnp.result_type(x), np.inexact)
+
+
+def _rest_bytes(x: Any, rest: quantization.Spec | None, upper_bound: bool) -> int:
+  """Exported bytes of an unselected leaf: float, or on ``rest``'s grid if it is float."""
+  if upper_bound and _is_float(x):  # every value non-zero (a sparse store is a lower bound)
+    x = np.ones(np.shape(x), jnp.result_type(x))
+  if rest is None or not _is_float(x):
+    return quantization.nbytes(quantization.export({"w": x}, None))
+  return quantization.nbytes(quantization.export({"w": x}, rest, where=lambda _: True))
 
 
 def _replace(params: Any, path: str, value: Any) -> Any:
@@ -324,6 +345,7 @@ class Plan(NamedTuple):
     layer_loss: each layer's measured (or estimated) loss increase.
     fixed: bytes of the unselected leaves.
     resolution: the knapsack's bucket in bytes (0 for a plan not from `allocate`).
+    rest: the spec of every unselected float leaf (`Costs.rest`), None: they stay float.
   """
   paths: tuple[str, ...]
   choices: tuple[Choice, ...]
@@ -331,6 +353,7 @@ class Plan(NamedTuple):
   layer_loss: tuple[float, ...]
   fixed: int
   resolution: int = 0
+  rest: quantization.Spec | None = None
 
   @property
   def bytes(self) -> int:
@@ -343,9 +366,9 @@ class Plan(NamedTuple):
     return float(sum(self.layer_loss))
 
   def spec(self, path: str) -> quantization.Spec | None:
-    """The per-path spec: the layer's `Spec`, None for float layers and other paths."""
-    choice = dict(zip(self.paths, self.choices)).get(path)
-    return None if choice is None else choice.spec
+    """The per-path spec: the layer's `Spec`, None for float layers; other paths: ``rest``."""
+    choice = dict(zip(self.paths, self.choices)).get(path, _REST)
+    return self.rest if choice is _REST else choice.spec
 
   def sparsity(self, path: str) -> float:
     """The per-path sparsity: the layer's, 0.0 for other paths."""
@@ -353,15 +376,20 @@ class Plan(NamedTuple):
     return 0.0 if choice is None else float(choice.sparsity)
 
   def selects(self, path: str) -> bool:
-    """The ``where`` predicate of the plan's layers."""
-    return path in self.paths
+    """The ``where`` predicate of the leaves the plan quantizes or prunes: its layers, and
+    with ``rest`` every other leaf too (give it float params only)."""
+    return self.rest is not None or path in self.paths
+
+
+_REST = object()
 
 
 def _plan(costs: Costs, sens: np.ndarray, pick: Sequence[int], resolution: int) -> Plan:
   rows = range(len(costs.paths))
   return Plan(costs.paths, tuple(costs.choices[pick[i]] for i in rows),
               tuple(int(costs.bytes[i, pick[i]]) for i in rows),
-              tuple(float(sens[i, pick[i]]) for i in rows), int(costs.fixed), resolution)
+              tuple(float(sens[i, pick[i]]) for i in rows), int(costs.fixed), resolution,
+              costs.rest)
 
 
 def _check_sensitivity(costs: Costs, sens: Any) -> np.ndarray:
@@ -444,7 +472,8 @@ def uniform(costs: Costs, choice: Choice, sens: Any | None = None) -> Plan:
 
 
 def apply(params: Any, plan: Plan) -> Any:
-  """Prunes and quantizes each of the plan's layers to its choice (post-training).
+  """Prunes and quantizes each of the plan's layers to its choice (post-training), and puts
+  the other float leaves on ``plan.rest``'s grid when it is set.
 
   Raises:
     ValueError: if a plan path is not a leaf of ``params``.
@@ -454,9 +483,15 @@ def apply(params: Any, plan: Plan) -> Any:
   if missing:
     raise ValueError(f"plan paths must be leaves of params; missing {missing[:8]}")
   choice = dict(zip(plan.paths, plan.choices))
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: compress(x, choice[selection.path_str(p)])
-      if selection.path_str(p) in choice else x, params)
+
+  def leaf(p, x):
+    path = selection.path_str(p)
+    if path in choice:
+      return compress(x, choice[path])
+    if plan.rest is not None and _is_float(x):
+      return quantization.quantize(x, plan.rest)
+    return x
+  return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def export(params: Any, plan: Plan) -> quantization.Packed:
@@ -468,7 +503,7 @@ def export(params: Any, plan: Plan) -> quantization.Packed:
   where=plan.selects)``.
   """
   applied = apply(params, plan)
-  if all(c.bits is None for c in plan.choices):
+  if plan.rest is None and all(c.bits is None for c in plan.choices):
     return quantization.export(applied, None)
   return quantization.export(applied, plan.spec, where=plan.selects)
 

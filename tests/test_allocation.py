@@ -146,7 +146,7 @@ def _plan(costs, pick):
   rows = range(len(pick))
   return al.Plan(costs.paths, tuple(costs.choices[j] for j in pick),
                  tuple(int(costs.bytes[i, j]) for i, j in zip(rows, pick)),
-                 (0.0,) * len(pick), costs.fixed)
+                 (0.0,) * len(pick), costs.fixed, rest=costs.rest)
 
 
 def test_predicted_bytes_equal_the_real_export_for_every_plan():
@@ -161,6 +161,32 @@ def test_predicted_bytes_equal_the_real_export_for_every_plan():
       assert q.nbytes(q.export(applied, plan.spec)) == plan.bytes
     back = q.load(packed)
     jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, applied))
+
+
+def test_rest_puts_the_other_float_leaves_on_a_grid_within_the_predicted_bytes():
+  params = _params(5)
+  costs = al.layer_costs(params, CHOICES, rest=8, upper_bound=True)
+  # Each bias as 8-bit codes, one float32 scale and a 12-byte header, the zero one too.
+  assert costs.fixed == (32 + 4 + 12) + (8 + 4 + 12)
+  assert costs.rest == q.Spec(8)
+  plan = _plan(costs, (0, 3))   # Dense_1's kernel stays float
+  assert plan.spec("Dense_0/bias") == q.Spec(8) and plan.spec("Dense_1/kernel") is None
+  applied = al.apply(params, plan)
+  b = np.asarray(params["Dense_0"]["bias"])
+  step = np.abs(b).max() / 127
+  np.testing.assert_allclose(applied["Dense_0"]["bias"], np.round(b / step) * step, rtol=1e-6)
+  np.testing.assert_array_equal(applied["Dense_1"]["kernel"], params["Dense_1"]["kernel"])
+  assert q.nbytes(al.export(params, plan)) <= plan.bytes
+  # Fine-tuning keeps the biases on their grids; the export stays within the bound.
+  tx = q.wrap(optax.adam(1e-2), plan.spec, where=plan.selects)
+  p, s = applied, tx.init(applied)
+  for _ in range(2):
+    u, s = tx.update(jax.grad(_loss_fn())(p), s, p)
+    p = optax.apply_updates(p, u)
+  for name in ("Dense_0", "Dense_1"):
+    bias = np.asarray(p[name]["bias"])
+    np.testing.assert_array_max_ulp(bias, np.asarray(q.quantize(bias, q.Spec(8))), maxulp=4)
+  assert q.nbytes(q.export(p, plan.spec, where=plan.selects)) <= plan.bytes
 
 
 def test_sensitivity_is_the_measured_loss_increase_of_one_layer():

@@ -349,7 +349,7 @@ def _check_budgets(pipelines: dict[str, tuple[StagePlan, ...]],
   shapes = jax.eval_shape(lambda: iq_transformer.init_params(teacher, jax.random.key(0)))
   fp32 = wm.float_nbytes(jax.tree.map(lambda x: np.ones(x.shape, x.dtype), shapes))
   for name, b in targets.items():
-    least = wb.smallest(wb.costs(teacher, b.choices))
+    least = wb.smallest(wb.costs(teacher, b))
     _check(fp32 / b.denominator >= least, f"pipelines.{name}", f"budget:{b.denominator:g}"
            + ("u" if b.uniform else ""), f"a budget of at least the smallest export, "
            f"{least:,} bytes (1/{fp32 / least:.1f} of the teacher's {fp32:,} float32 bytes)")
@@ -535,7 +535,7 @@ def _budget_plan(plan: Plan, stage: StagePlan, params: Any, teacher_bytes: int, 
     fwd = training.multitask_forward(_model(stage.model).apply)
     data_fn = training.multitask_data_fn(plan.channel, plan.train.batch_size, plan.tasks)
     b = stage.budget
-    cache[j] = (wb.costs(stage.model, b.choices), wb.sensitivity(
+    cache[j] = (wb.costs(stage.model, b), wb.sensitivity(
         params, b, fwd, data_fn, jax.random.fold_in(key, 7), plan.task_weights))
   costs, sens = cache[j]
   budget = int(teacher_bytes / stage.budget.denominator)
