@@ -7,7 +7,8 @@ Each target N gets two rows: "A/N", the allocator's plan (per-layer bits 2-8 and
 0-75% on MSE-clipped grids, chosen by an exact knapsack over the measured loss increase
 of every layer and setting, under the real export's bytes; the 1-D leaves at 8 bits), and
 "U/N", the best single setting for every layer within the same budget; both are fine-tuned
-with QAT and KD from the float teacher (budget.steps, 3x a pipeline's). The uniform P-Q-KD and Q-P-KD pipelines (50% sparse INT8 everywhere) are the reference points.
+with QAT and KD from the float teacher (budget.steps, 3x a pipeline's). The uniform
+P-Q-KD and Q-P-KD pipelines (50% sparse INT8 everywhere) are the reference points.
 results.md gives every row's plain and entropy-coded bytes, its loss in dB against the
 teacher at SER 1e-1 and 1e-2, and pareto_loss_db_1e-02.png plots bytes against dB loss
 with one-standard-deviation error bars over the seeds.
