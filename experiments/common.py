@@ -151,6 +151,7 @@ def base_config(size: str | None = "cpu") -> ml_collections.ConfigDict:
       bits=(2, 4, 8) if tiny else (2, 3, 4, 6, 8),        # a layer's candidate bit widths
       sparsities=(0.0, 0.5) if tiny else (0.0, 0.25, 0.5, 0.75),  # ... and sparsities
       grid="mse",               # quantizer range: mse (least squared error) | minmax
+      granularities=("channel",),   # a scale per output channel; add "tensor" for one
       rest_bits=8,              # the 1-D leaves (biases, LayerNorm): bits per tensor, 0 = float32
       sensitivity_batches=1 if tiny else 4,   # simulated batches the sensitivity averages
   ))

@@ -54,11 +54,18 @@ class BudgetPlan(NamedTuple):
 def check(block: Any) -> tuple[tuple[allocation.Choice, ...], int, quantization.Spec | None]:
   """The config's ``budget`` block: its candidate choices, sensitivity batches and the spec
   of the leaves without a choice."""
+  granularities = tuple(block.get("granularities", ("channel",)))
   try:
-    choices = allocation.candidates(tuple(block.bits), tuple(block.sparsities),
-                                    grid=block.grid)
+    if not granularities:
+      raise ValueError("granularities must name at least one of "
+                       f"{quantization.GRANULARITIES}, got none")
+    choices = sum((allocation.candidates(tuple(block.bits), tuple(block.sparsities), g,
+                                         keep_float=i == 0, grid=block.get("grid", "minmax"))
+                   for i, g in enumerate(granularities)), ())
+    choices = allocation.check_choices(choices)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"budget.bits / budget.sparsities / budget.grid: {e}") from None
+    raise ValueError(f"budget.bits / budget.sparsities / budget.granularities / budget.grid: "
+                     f"{e}") from None
   n = block.sensitivity_batches
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
     raise ValueError(f"budget.sensitivity_batches must be an int >= 1, got {n!r}")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from compressjax import allocation
+from compressjax import quantization
 from compressjax.studies import wireless
 from compressjax.studies import wireless_budget as wb
 from experiments import budget
@@ -88,3 +89,16 @@ def test_budgets_are_checked_before_any_work():
   c.budget.rest_bits, c.budget.grid = 8, "lloyd"
   with pytest.raises(ValueError, match="budget.grid: grid must be one of"):
     wireless.validate(c)
+  c.budget.grid, c.budget.granularities = "mse", ("channel", "row")
+  with pytest.raises(ValueError, match="budget.granularities .*granularity must be one of"):
+    wireless.validate(c)
+
+
+def test_both_granularities_offer_every_setting_per_channel_and_per_tensor():
+  c = _config()
+  c.budget.granularities = ("channel", "tensor")
+  choices, _, rest = wb.check(c.budget)
+  quantized = [ch for ch in choices if ch.bits is not None]
+  assert len(choices) == 2 * len(c.budget.bits) * len(c.budget.sparsities) + 1
+  assert {ch.granularity for ch in quantized} == {"channel", "tensor"}
+  assert {ch.grid for ch in quantized} == {"mse"} and rest == quantization.Spec(8)
