@@ -370,6 +370,11 @@ class Plan(NamedTuple):
     choice = dict(zip(self.paths, self.choices)).get(path, _REST)
     return self.rest if choice is _REST else choice.spec
 
+  @property
+  def quantizes(self) -> bool:
+    """Whether any leaf is put on a grid (a layer's bits, or ``rest``)."""
+    return self.rest is not None or any(c.bits is not None for c in self.choices)
+
   def sparsity(self, path: str) -> float:
     """The per-path sparsity: the layer's, 0.0 for other paths."""
     choice = dict(zip(self.paths, self.choices)).get(path)
@@ -503,7 +508,7 @@ def export(params: Any, plan: Plan) -> quantization.Packed:
   where=plan.selects)``.
   """
   applied = apply(params, plan)
-  if plan.rest is None and all(c.bits is None for c in plan.choices):
+  if not plan.quantizes:
     return quantization.export(applied, None)
   return quantization.export(applied, plan.spec, where=plan.selects)
 

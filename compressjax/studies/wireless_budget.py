@@ -163,7 +163,7 @@ def optimizer(inner: optax.GradientTransformation, plan: allocation.Plan
   if pruned:
     tx = pruning.wrap(tx, plan.sparsity, where=frozenset(pruned).__contains__,
                       schedule=pruning.one_shot(0))
-  if plan.rest is not None or any(ch.bits is not None for ch in plan.choices):
+  if plan.quantizes:
     tx = quantization.wrap(tx, plan.spec, where=plan.selects)
   return tx
 
