@@ -52,7 +52,7 @@ def entropy_floor(packed) -> float:
     t = layer["kernel"]
     n = int(np.prod(t.shape))
     flags = np.unpackbits(t.mask, count=n) if t.mask.size else np.ones(n, np.uint8)
-    codes = q.unpack_bits(t.codes, t.bits, int(flags.sum()))
+    codes = q.codes_of(t)
     for values in ((codes, flags) if t.mask.size else (codes,)):
       p = np.bincount(values) / values.size
       p = p[p > 0]

@@ -122,7 +122,8 @@ def test_layer_costs_are_the_real_bytes_of_each_layer_alone():
     assert costs.bytes[i, 3] == n * 4 + 16  # float, dense
     for j, c in enumerate(CHOICES[:3]):
       nnz = int(np.count_nonzero(q.quantize(_np_prune(k, c.sparsity), c.spec)))
-      codes = min(-(-n * c.bits // 8), -(-n // 8) + -(-nnz * c.bits // 8))
+      nz_bits = 1 if c.bits == 2 else c.bits   # a masked 2-bit non-zero is -1 or +1
+      codes = min(-(-n * c.bits // 8), -(-n // 8) + -(-nnz * nz_bits // 8))
       scales = 4 * (channels if c.granularity == "channel" else 1)
       assert costs.bytes[i, j] == codes + scales + 16, (name, c)
   # The upper bound: every weight pruning keeps is non-zero, and so is every float value
@@ -137,7 +138,8 @@ def test_layer_costs_are_the_real_bytes_of_each_layer_alone():
       if c.bits is None:
         want = min(4 * n, -(-n // 8) + 4 * nnz) + 16
       else:
-        want = min(-(-n * c.bits // 8), -(-n // 8) + -(-nnz * c.bits // 8)) + 16 + 4 * (
+        nz_bits = 1 if c.bits == 2 else c.bits
+        want = min(-(-n * c.bits // 8), -(-n // 8) + -(-nnz * nz_bits // 8)) + 16 + 4 * (
             channels if c.granularity == "channel" else 1)
       assert bound.bytes[i, j] == want, (name, c)
 

@@ -24,13 +24,17 @@ from compressjax.quantization.export import Packed
 from compressjax.quantization.export import PackedTensor
 from compressjax.quantization.export import SparseTensor
 from compressjax.quantization.export import cast
+from compressjax.quantization.export import code_bits
+from compressjax.quantization.export import codes_of
 from compressjax.quantization.export import detect_spec
 from compressjax.quantization.export import export
 from compressjax.quantization.export import header_bytes
 from compressjax.quantization.export import load
 from compressjax.quantization.export import nbytes
 from compressjax.quantization.export import pack_bits
+from compressjax.quantization.export import skips_zero
 from compressjax.quantization.export import unpack_bits
+from compressjax.quantization.export import with_codes
 from compressjax.quantization.files import load_file
 from compressjax.quantization.files import save
 from compressjax.quantization.grids import CLIPPING_GRIDS

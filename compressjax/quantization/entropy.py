@@ -1,6 +1,7 @@
 """Entropy-coded export: a `Packed` export as one byte string, its codes and masks ANS-coded.
 
-The integer codes of each `PackedTensor` and the sparsity bitmasks (of `PackedTensor` and
+The integer codes of each `PackedTensor` (its codes ``q - qmin``, `export.codes_of`, whatever
+their packed layout) and the sparsity bitmasks (of `PackedTensor` and
 `SparseTensor`) are entropy-coded with asymmetric numeral systems (Duda 2013, "Asymmetric
 numeral systems"), through ``constriction`` (Bamler 2022, "Understanding Entropy Coding With
 Asymmetric Numeral Systems (ANS): a Statistician's Perspective"): a static categorical model
@@ -206,11 +207,15 @@ def _encode_leaf(x, path: str, blocks: list) -> list:
   blocks.append(_encode_mask(np.asarray(x.mask, np.uint8), n))
   if kind == "P":
     count = n if x.mask.size == 0 else int(np.unpackbits(x.mask, count=n).sum())
-    codes = export_lib.unpack_bits(x.codes, x.bits, count)
-    if not np.array_equal(export_lib.pack_bits(codes, x.bits), x.codes):
-      raise ValueError(f"codes of {path!r} must be pack_bits of {count} {x.bits}-bit codes, "
-                       f"got {x.codes.size} bytes")
-    blocks.append(_encode_symbols(codes.astype(np.int64), x.bits))
+    codes = export_lib.codes_of(x)  # q - qmin, whatever the packed layout
+    try:
+      same = np.array_equal(export_lib.with_codes(x, codes).codes, x.codes)
+    except ValueError:
+      same = False
+    if not same:
+      raise ValueError(f"codes of {path!r} must be {count} {x.bits}-bit codes packed as "
+                       f"export lays them out, got {x.codes.size} bytes")
+    blocks.append(_encode_symbols(codes, x.bits))
   for name, value in x._asdict().items():
     if name in ("mask", "codes"):
       continue
@@ -231,12 +236,14 @@ def _decode_leaf(rec: list, r: _Reader):
   n = int(np.prod(fields["shape"], dtype=np.int64))
   mask = _decode_mask(r.block(), n)
   out = {"mask": mask, **fields}
+  codes = None
   if kind == "P":
     count = n if mask.size == 0 else int(np.unpackbits(mask, count=n).sum())
     codes = _decode_symbols(r.block(), count, fields["bits"])
-    out["codes"] = export_lib.pack_bits(codes, fields["bits"])
+    out["codes"] = np.zeros((0,), np.uint8)
   out.update({k: _unraw(meta, r.block()) for k, meta in arrays.items()})
-  return cls(**{f: out[f] for f in cls._fields})
+  leaf = cls(**{f: out[f] for f in cls._fields})
+  return leaf if codes is None else export_lib.with_codes(leaf, codes)
 
 
 def _structure(tree, path: str, leaves: list):

@@ -8,6 +8,7 @@ float32 included, needs them alike).
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -26,9 +27,11 @@ class PackedTensor(NamedTuple):
   """One quantized tensor.
 
   Attributes:
-    codes: uint8 payload: the codes ``q - qmin`` packed ``bits`` per value, MSB first (int8:
-      one byte each; int4: two per byte), for every value, or only the non-zeros if ``mask``
-      is non-empty.
+    codes: uint8 payload (`codes_of` reads it, `with_codes` writes it). Dense: the codes
+      ``q - qmin`` of every value packed ``bits`` each, MSB first (int8: one byte each;
+      int4: two per byte). With a ``mask``: only the non-zeros' codes, in C order; for a
+      symmetric 2-bit grid, whose non-zero levels are -1 and +1, one bit each (0: -1, 1:
+      +1), since the mask holds the zeros (`code_bits`, `skips_zero`).
     scale: float32 steps, ``[C]`` per channel or ``[]`` per tensor.
     zero_point: integer zero points (uint8, or uint16 above 8 bits), shaped as ``scale``;
       empty for symmetric specs.
@@ -119,6 +122,68 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
   bitarr = np.unpackbits(packed, count=count * bits).reshape(count, bits).astype(np.uint32)
   shifts = np.arange(bits - 1, -1, -1, dtype=np.uint32)
   return (bitarr << shifts).sum(axis=1).astype(out_dtype)
+
+
+def code_bits(bits: int, symmetric: bool, masked: bool) -> int:
+  """Bits per stored code of a `PackedTensor`.
+
+  Dense, ``bits``. With a mask the zero level is never stored (the mask says where the
+  zeros are), so each code needs only to tell the other ``levels - 1`` levels apart:
+  ``ceil(log2(levels - 1))`` bits. That saves a bit only for a symmetric 2-bit grid (levels
+  {-1, 0, +1}: its non-zeros are a sign bit), whose codes then skip the zero level; every
+  other grid keeps ``bits`` and the codes ``q - qmin``.
+  """
+  if not masked:
+    return bits
+  levels = 2 ** bits - 1 if symmetric else 2 ** bits
+  return min(bits, max(1, math.ceil(math.log2(levels - 1))))
+
+
+def skips_zero(t: "PackedTensor") -> bool:
+  """Whether ``t``'s stored codes skip the zero level (`code_bits` below its ``bits``)."""
+  return code_bits(t.bits, t.symmetric, bool(t.mask.size)) < t.bits
+
+
+def _zero_code(t: "PackedTensor") -> int:
+  """The code ``-qmin`` of zero on ``t``'s symmetric grid (the level `skips_zero` skips)."""
+  return 2 ** (t.bits - 1) - 1
+
+
+def _mask_of(t: "PackedTensor") -> np.ndarray | None:
+  """The bool mask of ``t``'s non-zeros (its shape), or None when ``t`` is stored dense."""
+  if not t.mask.size:
+    return None
+  n = int(np.prod(t.shape))
+  return np.unpackbits(t.mask, count=n).astype(bool).reshape(t.shape)
+
+
+def codes_of(t: "PackedTensor") -> np.ndarray:
+  """The int64 codes ``q - qmin`` of ``t``'s stored values (every value, or the non-zeros in
+  C order when it has a mask), whatever their packed layout."""
+  nonzero = _mask_of(t)
+  count = int(np.prod(t.shape)) if nonzero is None else int(nonzero.sum())
+  if not skips_zero(t):
+    return unpack_bits(t.codes, t.bits, count).astype(np.int64)
+  idx = unpack_bits(t.codes, code_bits(t.bits, t.symmetric, True), count).astype(np.int64)
+  return idx + (idx >= _zero_code(t))  # the index skips the zero level
+
+
+def with_codes(t: "PackedTensor", codes: Any) -> "PackedTensor":
+  """``t`` with its stored values' codes ``q - qmin`` replaced by ``codes`` (`codes_of`'s
+  layout), packed as `PackedTensor.codes` lays them out.
+
+  Raises:
+    ValueError: if a masked tensor's codes include its zero level, or are out of range.
+  """
+  codes = np.asarray(codes, np.int64).ravel()
+  if not skips_zero(t):
+    return t._replace(codes=pack_bits(codes, t.bits))
+  zero, count = _zero_code(t), int(_mask_of(t).sum())
+  if codes.size != count or np.any(codes == zero):
+    raise ValueError(f"codes must be the {count} non-zero codes of a masked tensor (none at "
+                     f"its zero level {zero}), got {codes.size} values")
+  return t._replace(codes=pack_bits(codes - (codes > zero),
+                                    code_bits(t.bits, t.symmetric, True)))
 
 
 def header_bytes(ndim: int) -> int:
@@ -268,17 +333,19 @@ def _pack_leaf(x, spec: quantizers.Spec, path: str = "", regrid: bool = True) ->
   zp_b = np.broadcast_to(np.asarray(grid.zero_point, np.int64), shape)
   nonzero = codes != zp_b
   n, nnz = codes.size, int(nonzero.sum())
-  sparse = -(-n // 8) + -(-nnz * spec.bits // 8) < -(-n * spec.bits // 8)
+  masked_bits = code_bits(spec.bits, spec.symmetric, True)
+  sparse = -(-n // 8) + -(-nnz * masked_bits // 8) < -(-n * spec.bits // 8)
   payload = codes[nonzero] if sparse else codes.ravel()
   zp_dtype = np.uint8 if spec.bits <= 8 else np.uint16
   zp = np.asarray(grid.zero_point).reshape(-1 if axis is not None else ()).astype(zp_dtype)
-  return PackedTensor(
-      codes=pack_bits(payload - spec.qmin, spec.bits),
+  t = PackedTensor(
+      codes=np.zeros((0,), np.uint8),
       scale=np.asarray(grid.scale, np.float32).reshape(-1 if axis is not None else ()),
       zero_point=np.zeros((0,), zp_dtype) if spec.symmetric else zp,
       mask=np.packbits(nonzero.ravel()) if sparse else np.zeros((0,), np.uint8),
       shape=shape, bits=spec.bits, symmetric=spec.symmetric, axis=axis,
       dtype=str(jnp.result_type(x)))
+  return with_codes(t, payload - spec.qmin)
 
 
 def _store_float(x) -> "np.ndarray | SparseTensor":
@@ -298,7 +365,8 @@ def export(params: Any, spec: "quantizers.Spec | int | quantizers.PerPath | None
   """Packs the leaves ``where`` selects as ``spec``-bit codes on their grid (``spec.grid``).
 
   Each selected tensor is stored dense, or as a bitmask of non-zeros plus the non-zero codes
-  when that is smaller (about ``1/8 + density * bits/8`` bytes per value). The other float
+  when that is smaller (about ``1/8 + density * bits/8`` bytes per value; the non-zeros of a
+  symmetric 2-bit grid are -1 or +1, stored as one bit each: `code_bits`). The other float
   leaves (and every leaf when ``spec`` is None: the float baseline of a pruned model) are
   stored as they are, or as a `SparseTensor` (bitmask + non-zero values) when that is smaller.
 
@@ -363,13 +431,12 @@ def _unpack_leaf(t: "PackedTensor | SparseTensor") -> np.ndarray:
   scale = np.broadcast_to(t.scale.astype(np.float32).reshape(ch_shape), t.shape)
   zp = np.zeros(t.scale.shape, np.float32) if t.symmetric else t.zero_point.astype(np.float32)
   zp = np.broadcast_to(zp.reshape(ch_shape), t.shape)
-  if t.mask.size:
-    nonzero = np.unpackbits(t.mask, count=n).astype(bool).reshape(t.shape)
+  nonzero = _mask_of(t)
+  if nonzero is not None:
     codes = zp.copy()
-    vals = unpack_bits(t.codes, t.bits, int(nonzero.sum())).astype(np.float32) + qmin
-    codes[nonzero] = vals
+    codes[nonzero] = codes_of(t).astype(np.float32) + qmin
   else:
-    codes = (unpack_bits(t.codes, t.bits, n).astype(np.float32) + qmin).reshape(t.shape)
+    codes = (codes_of(t).astype(np.float32) + qmin).reshape(t.shape)
   values = (codes - zp) * scale
   return np.asarray(jnp.asarray(values, jnp.float32).astype(t.dtype))
 

@@ -27,6 +27,12 @@ Version 3 is written for a mixed-precision export (a per-path spec: `Packed.spec
 each quantized leaf's path to its `Spec`): ``"spec"`` is null and ``"specs"`` maps each such
 path to its spec's fields, as ``"spec"`` holds them.
 
+Version 4 stores the non-zeros of a masked symmetric 2-bit "quantized" leaf in one bit
+each (0: -1, 1: +1; `export.skips_zero`), as `PackedTensor.codes` lays them out. It is
+written only for an export holding such a leaf (with ``"spec"`` or ``"specs"`` as versions
+1-3 hold them); files of versions 1-3 stored those codes ``q - qmin`` in two bits each, and
+are read and converted.
+
 Version 2 adds ``spec.grid``, the name of the spec's grid method (`grids.GRIDS`); it is
 written only for a grid other than ``"minmax"``, so files of min/max specs stay version 1 (and
 readable by readers of version 1), and a version-1 file's spec has the min/max grid. Reading
@@ -48,12 +54,17 @@ from compressjax import selection
 from compressjax.quantization.export import Packed
 from compressjax.quantization.export import PackedTensor
 from compressjax.quantization.export import SparseTensor
+from compressjax.quantization.export import code_bits
+from compressjax.quantization.export import skips_zero
+from compressjax.quantization.export import unpack_bits
+from compressjax.quantization.export import with_codes
 from compressjax.quantization import quantizers
 
 FORMAT = "compressjax.packed"
 VERSION = 2  # written when the spec names a grid method; version 1 otherwise
 MIXED_VERSION = 3  # written for a per-path (mixed-precision) export
-VERSIONS = (1, 2, 3)  # the versions this library reads
+SKIP_ZERO_VERSION = 4  # written for an export holding a masked symmetric 2-bit leaf
+VERSIONS = (1, 2, 3, 4)  # the versions this library reads
 _FIELDS = {"quantized": ("codes", "scale", "zero_point", "mask"),
            "sparse": ("values", "mask"), "array": ("value",)}
 
@@ -139,6 +150,7 @@ def save(path: str | os.PathLike, packed: Packed) -> str:
     entry, arrays = _entry(_path_keys(p), leaf)
     entries.append(entry)
     chunks.extend(_little_endian_bytes(a) for a in arrays)
+  skips = any(isinstance(leaf, PackedTensor) and skips_zero(leaf) for _, leaf in flat)
   if isinstance(packed.spec, dict):
     header = {"format": FORMAT, "version": MIXED_VERSION, "spec": None,
               "specs": {p: quantizers.spec_fields(s) for p, s in sorted(packed.spec.items())},
@@ -148,6 +160,8 @@ def save(path: str | os.PathLike, packed: Packed) -> str:
     header = {"format": FORMAT,
               "version": VERSION if spec is not None and "grid" in spec else 1,
               "spec": spec, "leaves": entries}
+  if skips:
+    header["version"] = SKIP_ZERO_VERSION
   header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
   path = os.fspath(path)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
@@ -200,8 +214,9 @@ def _read_archive(path: str) -> tuple[dict, np.ndarray]:
   return header, payload
 
 
-def _check_leaf(where: str, kind: str, leaf: Any) -> None:
-  """Raises ValueError if a leaf's arrays disagree with its shape, bits and mask."""
+def _check_leaf(where: str, kind: str, leaf: Any, version: int) -> None:
+  """Raises ValueError if a leaf's arrays disagree with its shape, bits and mask (codes laid
+  out as ``version`` lays them out)."""
   n = int(np.prod(leaf.shape))
   if kind == "array":
     return
@@ -218,9 +233,11 @@ def _check_leaf(where: str, kind: str, leaf: Any) -> None:
       raise ValueError(f"{where}: values must hold the mask's {stored} non-zeros, got "
                        f"shape {leaf.values.shape}")
     return
-  if leaf.codes.dtype != np.uint8 or leaf.codes.shape != (-(-stored * leaf.bits // 8),):
-    raise ValueError(f"{where}: codes must be {-(-stored * leaf.bits // 8)} uint8 bytes for "
-                     f"{stored} {leaf.bits}-bit values, got {leaf.codes.dtype}"
+  bits = leaf.bits if version < SKIP_ZERO_VERSION else code_bits(
+      leaf.bits, leaf.symmetric, bool(leaf.mask.size))
+  if leaf.codes.dtype != np.uint8 or leaf.codes.shape != (-(-stored * bits // 8),):
+    raise ValueError(f"{where}: codes must be {-(-stored * bits // 8)} uint8 bytes for "
+                     f"{stored} {bits}-bit values, got {leaf.codes.dtype}"
                      f"{list(leaf.codes.shape)}")
   channels = () if leaf.axis is None else (leaf.shape[leaf.axis],)
   if leaf.scale.dtype != np.float32 or leaf.scale.shape != channels:
@@ -232,7 +249,8 @@ def _check_leaf(where: str, kind: str, leaf: Any) -> None:
                      f"{list(leaf.zero_point.shape)}")
 
 
-def _leaf(where: str, entry: dict, payload: np.ndarray, offset: int) -> tuple[Any, int]:
+def _leaf(where: str, entry: dict, payload: np.ndarray, offset: int,
+          version: int) -> tuple[Any, int]:
   """Rebuilds one leaf from its header entry and the payload from ``offset``."""
   kind = entry["kind"]
   names = [a[0] for a in entry["arrays"]]
@@ -265,7 +283,11 @@ def _leaf(where: str, entry: dict, payload: np.ndarray, offset: int) -> tuple[An
     leaf = arrays[0]
     if leaf.shape != shape:
       raise ValueError(f"{where}: value must have shape {shape}, got {leaf.shape}")
-  _check_leaf(where, kind, leaf)
+  _check_leaf(where, kind, leaf, version)
+  if kind == "quantized" and version < SKIP_ZERO_VERSION and skips_zero(leaf):
+    # Versions 1-3 stored every non-zero's code q - qmin in `bits` bits.
+    n = int(np.unpackbits(leaf.mask, count=int(np.prod(shape))).sum())
+    leaf = with_codes(leaf, unpack_bits(leaf.codes, leaf.bits, n))
   return leaf, offset
 
 
@@ -319,7 +341,7 @@ def load_file(path: str | os.PathLike) -> Packed:
     tree, offset = None, 0
     for i, entry in enumerate(header["leaves"]):
       where = f"{path}: leaf {i} ({'/'.join(map(str, entry['path']))})"
-      leaf, offset = _leaf(where, entry, payload, offset)
+      leaf, offset = _leaf(where, entry, payload, offset, header["version"])
       tree = _insert(tree, list(entry["path"]), leaf, where)
   except ValueError as e:
     if str(e).startswith(path):

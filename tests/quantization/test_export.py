@@ -79,6 +79,29 @@ def test_sparse_int8_costs_a_bitmask_plus_the_nonzeros():
                                 np.asarray(q.fake_quant(x, q.Spec(8, True, "channel"))))
 
 
+def test_masked_symmetric_2_bit_non_zeros_take_one_bit_each():
+  # 64 values, 16 of them +-1: the 2-bit grid {-1, 0, 1} (scale 1) holds them exactly.
+  x = np.zeros(64, np.float32)
+  signs = np.where(np.arange(16) % 3 == 0, -1.0, 1.0).astype(np.float32)
+  x[::4] = signs
+  packed = q.export({"w": x}, q.Spec(2), where=lambda _: True)
+  t = packed.tree["w"]
+  assert t.mask.size == 8 and t.codes.size == 2 and q.skips_zero(t)
+  assert np.array_equal(np.unpackbits(t.codes), (signs > 0).astype(np.uint8))  # 0: -1, 1: +1
+  assert q.nbytes(packed) == 8 + 2 + 4 + q.header_bytes(1)   # mask, codes, scale, header
+  np.testing.assert_array_equal(q.load(packed)["w"], x)
+  # An asymmetric 2-bit grid (here 0..3, step 1) has three non-zero levels: two bits each.
+  y = np.zeros(64, np.float32)
+  y[::4] = np.arange(16) % 3 + 1
+  packed = q.export({"w": y}, q.Spec(2, False), where=lambda _: True)
+  t = packed.tree["w"]
+  assert not q.skips_zero(t) and t.mask.size == 8 and t.codes.size == 16 * 2 // 8
+  assert np.array_equal(q.codes_of(t), y[::4].astype(np.int64))   # q - qmin, qmin = 0
+  np.testing.assert_array_equal(q.load(packed)["w"], y)
+  assert q.code_bits(2, True, True) == 1 and q.code_bits(2, True, False) == 2
+  assert [q.code_bits(b, s, True) for b in (3, 4, 8) for s in (True, False)] == [3, 3, 4, 4, 8, 8]
+
+
 def test_float_export_stores_sparse_tensors_as_bitmask_and_values():
   x = _sparse(9, (100, 80), 0.1)
   dense = np.ones(80, np.float32)

@@ -64,7 +64,7 @@ def test_round_trip_is_exact(tmp_path, spec):
 
 
 def test_a_mixed_precision_export_round_trips_as_version_3(tmp_path):
-  specs = {"Dense_0/kernel": q.Spec(2), "Conv_0/kernel": q.Spec(5, False, "channel")}
+  specs = {"Dense_0/kernel": q.Spec(3), "Conv_0/kernel": q.Spec(5, False, "channel")}
   packed = q.export(_params(), specs.get)    # Dense_1/kernel stays float (None)
   back = q.load_file(q.save(tmp_path / "mixed.npz", packed))
   assert back.spec == packed.spec == specs
@@ -73,7 +73,41 @@ def test_a_mixed_precision_export_round_trips_as_version_3(tmp_path):
   with zipfile.ZipFile(tmp_path / "mixed.npz") as z:
     header = json.loads(np.load(z.open("header.npy")).tobytes())
   assert header["version"] == 3 and header["spec"] is None
-  assert header["specs"]["Dense_0/kernel"]["bits"] == 2
+  assert header["specs"]["Dense_0/kernel"]["bits"] == 3
+
+
+def _legacy(src, dst):
+  """``src`` rewritten as version 3 wrote it: a masked symmetric 2-bit leaf's non-zero codes
+  ``q - qmin`` in two bits each (the first leaf; the test makes it the only one)."""
+  with np.load(src) as z:
+    header = json.loads(z["header"].tobytes())
+    payload = z["payload"].tobytes()
+  entry = header["leaves"][0]
+  packed = q.load_file(src)
+  t, values = packed.tree["w"], np.asarray(q.load(packed)["w"]).ravel()
+  old = q.pack_bits((np.sign(values[values != 0]) + 1).astype(np.int64), 2)  # 0: -1, 2: +1
+  assert entry["arrays"][0][0] == "codes" and old.size > t.codes.size
+  entry["arrays"][0][2] = [old.size]
+  header["version"] = 3
+  np.savez(dst, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
+           payload=np.frombuffer(old.tobytes() + payload[t.codes.size:], np.uint8))
+  return str(dst)
+
+
+def test_masked_2_bit_leaves_write_version_4_and_version_3_files_still_load(tmp_path):
+  x = _sparse(5, (48, 40), 0.3)
+  packed = q.export({"w": jnp.asarray(x)}, {"w": q.Spec(2, True, "channel")}.get,
+                    where=lambda _: True)
+  t = packed.tree["w"]
+  assert q.skips_zero(t) and t.codes.size == -(-int(np.unpackbits(t.mask).sum()) // 8)
+  path = q.save(tmp_path / "v4.npz", packed)
+  with np.load(path) as z:
+    assert json.loads(z["header"].tobytes())["version"] == 4
+  back = q.load_file(path)
+  _assert_same(q.load(back), q.load(packed))
+  old = q.load_file(_legacy(path, tmp_path / "v3.npz"))   # converted on reading
+  _assert_same(q.load(old), q.load(packed))
+  assert old.tree["w"].codes.tobytes() == t.codes.tobytes()
 
 
 @pytest.mark.parametrize("spec", [q.Spec(8), q.Spec(4, True, "channel"), None], ids=str)
@@ -142,8 +176,8 @@ def test_foreign_truncated_and_corrupt_files_raise_naming_path_and_problem(tmp_p
       text: "not an .npz",
       other: r"holds \['weights'\], expected \['header', 'payload'\]",
       _write(tmp_path / "half.npz", data[:len(data) // 2]): "truncated or corrupt",
-      _rewrite_header(good, tmp_path / "v4.npz", lambda h: h.update(version=4)):
-          r"unsupported packed file version 4; this library reads versions \(1, 2, 3\)",
+      _rewrite_header(good, tmp_path / "v5.npz", lambda h: h.update(version=5)):
+          r"unsupported packed file version 5; this library reads versions \(1, 2, 3, 4\)",
       _rewrite_header(good, tmp_path / "specs2.npz", lambda h: h.update(specs={})):
           "specs needs version 3, got version 1",
       _rewrite_header(good, tmp_path / "fmt.npz", lambda h: h.update(format="x")):

@@ -195,8 +195,9 @@ def test_export_bytes_are_within_2_percent_of_the_payload(granularity, bits, den
   spec = q.Spec(bits, True, granularity)
   got = q.nbytes(q.export({"w": x}, spec, where=lambda _: True))
   # The payload from NumPy: codes of the non-zeros (every value when dense is smaller), a
-  # bit of mask per value when stored sparse, a float32 scale per tensor or channel.
+  # bit of mask per value when stored sparse, a float32 scale per tensor or channel. Under
+  # a mask a 2-bit symmetric non-zero is -1 or +1: one bit.
   n, nnz = x.size, int(np.count_nonzero(_np_quantize(x, spec)))
-  codes = min(bits * n / 8, n / 8 + bits * nnz / 8)
+  codes = min(bits * n / 8, n / 8 + (1 if bits == 2 else bits) * nnz / 8)
   payload = codes + 4 * (1 if granularity == "tensor" else 256)
   assert payload <= got <= 1.02 * payload, (got, payload)
