@@ -102,3 +102,13 @@ def test_both_granularities_offer_every_setting_per_channel_and_per_tensor():
   assert len(choices) == 2 * len(c.budget.bits) * len(c.budget.sparsities) + 1
   assert {ch.granularity for ch in quantized} == {"channel", "tensor"}
   assert {ch.grid for ch in quantized} == {"mse"} and rest == quantization.Spec(8)
+
+
+def test_the_1_16_study_validates_with_both_granularities():
+  from experiments import budget16
+  c = budget16.get_config("tiny")
+  plan = wireless.validate(c)   # its budget is above the smallest export (checked here)
+  (stage,) = plan.pipelines["A/16"]
+  assert stage.budget.denominator == 8 and not stage.budget.uniform   # tiny: 1/8
+  assert {ch.granularity for ch in stage.budget.choices if ch.bits} == {"channel", "tensor"}
+  assert c.budget.steps == 2 * budget.get_config("tiny").budget.steps
