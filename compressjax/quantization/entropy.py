@@ -206,14 +206,13 @@ def _encode_leaf(x, path: str, blocks: list) -> list:
   n, fields, arrays = _count(x), {}, {}
   blocks.append(_encode_mask(np.asarray(x.mask, np.uint8), n))
   if kind == "P":
-    count = n if x.mask.size == 0 else int(np.unpackbits(x.mask, count=n).sum())
     codes = export_lib.codes_of(x)  # q - qmin, whatever the packed layout
     try:
       same = np.array_equal(export_lib.with_codes(x, codes).codes, x.codes)
     except ValueError:
       same = False
     if not same:
-      raise ValueError(f"codes of {path!r} must be {count} {x.bits}-bit codes packed as "
+      raise ValueError(f"codes of {path!r} must be {codes.size} {x.bits}-bit codes packed as "
                        f"export lays them out, got {x.codes.size} bytes")
     blocks.append(_encode_symbols(codes, x.bits))
   for name, value in x._asdict().items():

@@ -136,7 +136,7 @@ def code_bits(bits: int, symmetric: bool, masked: bool) -> int:
   if not masked:
     return bits
   levels = 2 ** bits - 1 if symmetric else 2 ** bits
-  return min(bits, max(1, math.ceil(math.log2(levels - 1))))
+  return math.ceil(math.log2(levels - 1))
 
 
 def skips_zero(t: "PackedTensor") -> bool:
@@ -144,9 +144,9 @@ def skips_zero(t: "PackedTensor") -> bool:
   return code_bits(t.bits, t.symmetric, bool(t.mask.size)) < t.bits
 
 
-def _zero_code(t: "PackedTensor") -> int:
-  """The code ``-qmin`` of zero on ``t``'s symmetric grid (the level `skips_zero` skips)."""
-  return 2 ** (t.bits - 1) - 1
+def _qmin(t: "PackedTensor") -> int:
+  """The lowest integer level of ``t``'s grid (``-qmin`` is zero's code when symmetric)."""
+  return -(2 ** (t.bits - 1) - 1) if t.symmetric else 0
 
 
 def _mask_of(t: "PackedTensor") -> np.ndarray | None:
@@ -165,7 +165,7 @@ def codes_of(t: "PackedTensor") -> np.ndarray:
   if not skips_zero(t):
     return unpack_bits(t.codes, t.bits, count).astype(np.int64)
   idx = unpack_bits(t.codes, code_bits(t.bits, t.symmetric, True), count).astype(np.int64)
-  return idx + (idx >= _zero_code(t))  # the index skips the zero level
+  return idx + (idx >= -_qmin(t))  # the index skips the zero level
 
 
 def with_codes(t: "PackedTensor", codes: Any) -> "PackedTensor":
@@ -178,7 +178,7 @@ def with_codes(t: "PackedTensor", codes: Any) -> "PackedTensor":
   codes = np.asarray(codes, np.int64).ravel()
   if not skips_zero(t):
     return t._replace(codes=pack_bits(codes, t.bits))
-  zero, count = _zero_code(t), int(_mask_of(t).sum())
+  zero, count = -_qmin(t), int(_mask_of(t).sum())
   if codes.size != count or np.any(codes == zero):
     raise ValueError(f"codes must be the {count} non-zero codes of a masked tensor (none at "
                      f"its zero level {zero}), got {codes.size} values")
@@ -424,20 +424,18 @@ def _unpack_leaf(t: "PackedTensor | SparseTensor") -> np.ndarray:
     out = np.zeros(n, t.values.dtype)
     out[np.unpackbits(t.mask, count=n).astype(bool)] = t.values
     return out.reshape(t.shape)
-  qmin = -(2 ** (t.bits - 1) - 1) if t.symmetric else 0
   ch_shape = [1] * len(t.shape)
   if t.axis is not None:
     ch_shape[t.axis] = t.shape[t.axis]
   scale = np.broadcast_to(t.scale.astype(np.float32).reshape(ch_shape), t.shape)
   zp = np.zeros(t.scale.shape, np.float32) if t.symmetric else t.zero_point.astype(np.float32)
   zp = np.broadcast_to(zp.reshape(ch_shape), t.shape)
+  codes = codes_of(t).astype(np.float32) + _qmin(t)
   nonzero = _mask_of(t)
-  if nonzero is not None:
-    codes = zp.copy()
-    codes[nonzero] = codes_of(t).astype(np.float32) + qmin
-  else:
-    codes = (codes_of(t).astype(np.float32) + qmin).reshape(t.shape)
-  values = (codes - zp) * scale
+  if nonzero is not None:  # the zeros sit at the zero point
+    codes, stored = zp.copy(), codes
+    codes[nonzero] = stored
+  values = (codes.reshape(t.shape) - zp) * scale
   return np.asarray(jnp.asarray(values, jnp.float32).astype(t.dtype))
 
 

@@ -214,12 +214,12 @@ def _read_archive(path: str) -> tuple[dict, np.ndarray]:
   return header, payload
 
 
-def _check_leaf(where: str, kind: str, leaf: Any, version: int) -> None:
-  """Raises ValueError if a leaf's arrays disagree with its shape, bits and mask (codes laid
-  out as ``version`` lays them out)."""
+def _check_leaf(where: str, kind: str, leaf: Any, version: int) -> int:
+  """The count of a leaf's stored values; raises ValueError if its arrays disagree with its
+  shape, bits and mask (codes laid out as ``version`` lays them out)."""
   n = int(np.prod(leaf.shape))
   if kind == "array":
-    return
+    return n
   if leaf.mask.dtype != np.uint8:
     raise ValueError(f"{where}: mask must be uint8, got {leaf.mask.dtype}")
   stored = n
@@ -232,7 +232,7 @@ def _check_leaf(where: str, kind: str, leaf: Any, version: int) -> None:
     if leaf.values.shape != (stored,):
       raise ValueError(f"{where}: values must hold the mask's {stored} non-zeros, got "
                        f"shape {leaf.values.shape}")
-    return
+    return stored
   bits = leaf.bits if version < SKIP_ZERO_VERSION else code_bits(
       leaf.bits, leaf.symmetric, bool(leaf.mask.size))
   if leaf.codes.dtype != np.uint8 or leaf.codes.shape != (-(-stored * bits // 8),):
@@ -247,6 +247,7 @@ def _check_leaf(where: str, kind: str, leaf: Any, version: int) -> None:
   if leaf.zero_point.shape != zp_shape:
     raise ValueError(f"{where}: zero_point must have shape {zp_shape}, got "
                      f"{list(leaf.zero_point.shape)}")
+  return stored
 
 
 def _leaf(where: str, entry: dict, payload: np.ndarray, offset: int,
@@ -283,11 +284,10 @@ def _leaf(where: str, entry: dict, payload: np.ndarray, offset: int,
     leaf = arrays[0]
     if leaf.shape != shape:
       raise ValueError(f"{where}: value must have shape {shape}, got {leaf.shape}")
-  _check_leaf(where, kind, leaf, version)
+  stored = _check_leaf(where, kind, leaf, version)
   if kind == "quantized" and version < SKIP_ZERO_VERSION and skips_zero(leaf):
     # Versions 1-3 stored every non-zero's code q - qmin in `bits` bits.
-    n = int(np.unpackbits(leaf.mask, count=int(np.prod(shape))).sum())
-    leaf = with_codes(leaf, unpack_bits(leaf.codes, leaf.bits, n))
+    leaf = with_codes(leaf, unpack_bits(leaf.codes, leaf.bits, stored))
   return leaf, offset
 
 
